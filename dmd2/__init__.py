@@ -1,0 +1,1 @@
+"""dmd2: DMD2 distillation on DeepSpeed ZeRO-3."""

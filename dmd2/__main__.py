@@ -1,0 +1,5 @@
+"""python -m dmd2"""
+
+from .cli import main
+
+main()

@@ -1,0 +1,158 @@
+"""Prompts, real images and class labels; deterministic and resumable without saved state.
+
+Every batch is a pure function of (seed, step, rank): sample j of the global batch at step s is
+item perm_e[(s * world * B + j) mod N] of epoch e's seeded permutation. Resuming at step s
+therefore replays the same data with nothing to restore.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_FILES = ("captions.jsonl", "metadata.jsonl")
+
+
+def _text_of(record: dict) -> str | None:
+    for key in ("prompt", "caption", "text"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    return None
+
+
+def load_prompts(path: str | Path, field: str = "data.prompts") -> list[str]:
+    """Prompts from a .txt (one per line) or a .jsonl (a "prompt", "caption" or "text" key)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{field}: {str(p)!r} does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{field}: cannot read {str(p)!r}: {e}") from None
+    if p.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                text = _text_of(json.loads(line))
+            except json.JSONDecodeError:
+                text = None
+            if text is None:
+                raise UserError(f"{field}: {p}:{i}: expected a JSON object with a 'prompt', 'caption' or 'text' string")
+            prompts.append(text)
+    else:
+        prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UserError(f"{field}: {str(p)!r} holds no prompts")
+    return prompts
+
+
+def batch_indices(n: int, step: int, rank: int, world: int, batch: int, seed: int) -> list[int]:
+    """Indices into a dataset of n items for (step, rank): seeded per-epoch permutations."""
+    out = []
+    for j in range(batch):
+        flat = (step * world + rank) * batch + j
+        epoch, pos = divmod(flat, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perm[pos]))
+    return out
+
+
+@dataclass
+class RealItem:
+    path: Path
+    caption: str | None = None
+    label: int | None = None
+
+
+def _load_image(path: Path, resolution: int) -> torch.Tensor:
+    """RGB, shorter side resized to ``resolution``, centre-cropped, scaled to [-1, 1]: 3 x R x R."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = resolution / min(w, h)
+        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(im, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+class RealImages:
+    """A folder of images with captions.jsonl ({"file_name", "text"}), or class sub-folders.
+
+    Unreadable files are skipped (the next item is taken) and counted; more than
+    ``max_bad_fraction`` of the items seen being bad stops training with a message.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, *, labelled: bool, num_classes: int | None = None,
+                 max_bad_fraction: float = 0.1, field: str = "data.real_images"):
+        self.root, self.resolution, self.field = Path(root), resolution, field
+        self.max_bad_fraction = max_bad_fraction
+        self.bad: set[int] = set()
+        self.seen = 0
+        if not self.root.is_dir():
+            raise UserError(f"{field}: {str(self.root)!r} is not a folder")
+        self.items = self._scan_labelled(num_classes) if labelled else self._scan_captioned()
+        if not self.items:
+            raise UserError(f"{field}: {str(self.root)!r} holds no images")
+
+    def _scan_captioned(self) -> list[RealItem]:
+        meta = next((self.root / n for n in CAPTION_FILES if (self.root / n).is_file()), None)
+        if meta is None:
+            raise UserError(f"{self.field}: {str(self.root)!r} needs a captions.jsonl "
+                            '(one {"file_name": ..., "text": ...} per line)')
+        items = []
+        for i, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                items.append(RealItem(self.root / rec["file_name"], caption=_text_of(rec) or ""))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{self.field}: {meta}:{i}: expected {{\"file_name\": ..., \"text\": ...}}") from None
+        return items
+
+    def _scan_labelled(self, num_classes: int | None) -> list[RealItem]:
+        dirs = sorted((d for d in self.root.iterdir() if d.is_dir()), key=lambda d: (not d.name.isdigit(), d.name.zfill(8)))
+        items = []
+        for idx, d in enumerate(dirs):
+            label = int(d.name) if d.name.isdigit() else idx
+            if num_classes is not None and label >= num_classes:
+                raise UserError(f"{self.field}: class folder {str(d)!r} is label {label}, "
+                                f"but the teacher has {num_classes} classes")
+            items += [RealItem(f, label=label) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTS]
+        return items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, indices: list[int]) -> tuple[torch.Tensor, list[RealItem]]:
+        """Images B x 3 x R x R in [-1, 1]; a bad file is replaced by the next good item."""
+        images, items = [], []
+        for i in indices:
+            for j in range(len(self.items)):
+                k = (i + j) % len(self.items)
+                self.seen += 1
+                try:
+                    images.append(_load_image(self.items[k].path, self.resolution))
+                    items.append(self.items[k])
+                    break
+                except (OSError, ValueError, SyntaxError):
+                    self.bad.add(k)
+                    if len(self.bad) > self.max_bad_fraction * len(self.items):
+                        raise UserError(f"{self.field}: {len(self.bad)} of {len(self.items)} images are unreadable "
+                                        f"(e.g. {str(self.items[k].path)!r}); more than data.max_bad_fraction="
+                                        f"{self.max_bad_fraction}") from None
+        return torch.stack(images), items

@@ -1,0 +1,97 @@
+"""The only module that builds DeepSpeed engines (with checkpoint.py, the only ones importing it).
+
+Two engines: the generator, and the guidance module (frozen teacher + fake score + GAN head).
+The DeepSpeed JSON in ds_configs/ holds ZeRO settings only; batch size, clipping, precision and
+stage come from the recipe and are injected here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def use_bf16(precision: str) -> bool:
+    """bf16 where the hardware has it, fp32 on CPU (bf16 is ~2.5x slower there)."""
+    if precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed, with or without a launcher; returns (rank, world)."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a free port, so concurrent single-process runs do not collide
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm
+
+    if not torch.cuda.is_available():
+        # deepspeed compiles a shared-memory all-reduce op (~2 min) on first CPU init that training
+        # never needs; gloo does the collectives. The module object must be patched via sys.modules
+        # (`import deepspeed.comm.torch as m` resolves to torch itself).
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(seconds=timeout_s), verbose=False)
+    return deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
+
+
+def ds_config(template: str | Path, *, batch_size: int, grad_clip: float, bf16: bool, zero_stage: int) -> dict:
+    """Load a ds_configs template and inject what the recipe owns."""
+    path = Path(template)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"train.ds_config: cannot read {str(path)!r}: {e}") from None
+    cfg["train_micro_batch_size_per_gpu"] = batch_size
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["gradient_clipping"] = grad_clip
+    cfg["bf16"] = {"enabled": bf16}
+    cfg["fp16"] = {"enabled": False}
+    cfg.setdefault("zero_optimization", {})["stage"] = zero_stage
+    if zero_stage < 3:
+        cfg["zero_optimization"] = {k: v for k, v in cfg["zero_optimization"].items() if not k.startswith("stage3")}
+    if zero_stage == 3 and not torch.cuda.is_available():
+        # stage3 prefetch tracing costs 10-25 s on the first steps and buys nothing on CPU
+        cfg["zero_optimization"]["stage3_max_reuse_distance"] = 0
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def build_engine(module: torch.nn.Module, optim_cfg, config: dict):
+    """A DeepSpeed engine for ``module`` whose trainable parameters get AdamW + linear warmup.
+
+    The optimizer is a torch AdamW instance, not one declared in the JSON, which DeepSpeed would
+    turn into FusedAdam (an ~90 s compile on CPU, no gain for these sizes).
+    """
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                            weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps)
+    warmup = optim_cfg.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
+    return engine

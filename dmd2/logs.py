@@ -1,0 +1,93 @@
+"""Rank-0 metrics sink: a progress line, metrics.jsonl in the run folder, wandb, preview grids."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+
+def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """B x 3 x H x W in [-1, 1] -> B x H x W x 3 uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, cols: int | None = None) -> Path:
+    """Save B x 3 x H x W images in [-1, 1] as one PNG grid."""
+    from PIL import Image
+
+    arr = to_uint8_images(images).numpy()
+    b, h, w, _ = arr.shape
+    cols = cols or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i in range(b):
+        grid.paste(Image.fromarray(arr[i]), ((i % cols) * w, (i // cols) * h))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+class RunLogger:
+    """Writes on rank 0 only; other ranks get a logger that does nothing."""
+
+    def __init__(self, run_dir: Path, cfg, *, rank: int, max_steps: int, start_step: int, recipe: dict):
+        self.active = rank == 0
+        self.cfg, self.run_dir, self.max_steps = cfg, Path(run_dir), max_steps
+        self.start_step, self.t0 = start_step, time.time()
+        self.wandb = None
+        if not self.active:
+            return
+        self.file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, entity=cfg.wandb.entity,
+                                    mode=cfg.wandb.mode, dir=str(self.run_dir), config=recipe,
+                                    resume="allow", id=self._wandb_id())
+
+    def _wandb_id(self) -> str:
+        """One wandb run per run folder, so a resumed run continues the same curves."""
+        path = self.run_dir / "wandb_id.txt"
+        if not path.exists():
+            import uuid
+
+            path.write_text(uuid.uuid4().hex[:12])
+        return path.read_text().strip()
+
+    def log(self, step: int, metrics: dict[str, float], images_per_s: float) -> None:
+        if not self.active:
+            return
+        row = {"step": step, **metrics, "images_per_s": images_per_s, "time": time.time()}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if step % self.cfg.log_every == 0 or step == self.max_steps:
+            done = step - self.start_step
+            eta = (time.time() - self.t0) / max(done, 1) * (self.max_steps - step)
+            losses = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "loss" in k)
+            print(f"step {step}/{self.max_steps} | {losses} | {images_per_s:.2f} img/s | eta {eta:.0f}s", flush=True)
+
+    def preview(self, step: int, images: torch.Tensor) -> None:
+        if not self.active:
+            return
+        path = save_grid(images, self.run_dir / "previews" / f"step_{step:08d}.png")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"preview": wandb.Image(str(path))}, step=step)
+
+    def message(self, text: str) -> None:
+        if self.active:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.active:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()

@@ -1,0 +1,11 @@
+"""Models: one loader, one denoiser interface, conditioning, the GAN head and LoRA."""
+
+from .conditioning import Conditioner, cat_cond, cond_to, index_cond
+from .denoiser import Denoiser, mid_block_features
+from .gan_head import GANHead
+from .loader import Teacher, load_teacher
+
+__all__ = [
+    "Conditioner", "Denoiser", "GANHead", "Teacher", "cat_cond", "cond_to", "index_cond",
+    "load_teacher", "mid_block_features",
+]

@@ -1,0 +1,88 @@
+"""Conditioning for each family as a dict of tensors, and the unconditional counterpart (§4, §7).
+
+- SD1.5: CLIP last hidden states; uncond = the encoding of the empty prompt "".
+- SDXL: penultimate hidden states of both encoders concatenated (768 + 1280) plus the second
+  encoder's pooled projection, and add_time_ids = [H, W, 0, 0, H, W]; uncond = all-zero
+  prompt and pooled embeddings with the time ids kept.
+- class-conditional: integer labels; no uncond (no CFG). UNet2DConditionModel class-conditional
+  teachers still need an encoder_hidden_states argument: a single zero token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .loader import Teacher
+
+
+def cat_cond(*conds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def index_cond(cond: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def cond_to(cond: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+class Conditioner:
+    """Encodes prompts or labels with the teacher's frozen text encoders (outside the engines)."""
+
+    def __init__(self, teacher: Teacher, resolution: int, device: torch.device | str = "cpu"):
+        self.family = teacher.family
+        self.encoders = [e.to(device) for e in teacher.text_encoders]
+        self.tokenizers = teacher.tokenizers
+        self.resolution = resolution
+        self.device = torch.device(device)
+        self.num_classes = teacher.num_classes
+        cad = getattr(teacher.unet.config, "cross_attention_dim", None)
+        self._null_context = teacher.family == "classcond" and cad is not None and hasattr(teacher.unet, "get_time_embed")
+        self._cross_dim = cad
+        self._uncond1: dict[str, torch.Tensor] | None = None  # computed once, reused every step
+
+    @property
+    def text(self) -> bool:
+        return self.family in ("sd15", "sdxl")
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.family == "sd15":
+            ids = self._tokenize(self.tokenizers[0], prompts)
+            return {"encoder_hidden_states": self.encoders[0](ids)[0].float()}
+        hidden, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.encoders):
+            out = enc(self._tokenize(tok, prompts), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the second encoder's projected pooled output (text_embeds)
+        res = self.resolution
+        time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=self.device)
+        return {
+            "encoder_hidden_states": torch.cat(hidden, dim=-1).float(),
+            "text_embeds": pooled.float(),
+            "time_ids": time_ids.repeat(len(prompts), 1),
+        }
+
+    def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def uncond(self, batch: int) -> dict[str, torch.Tensor]:
+        """The unconditional embedding for CFG, repeated ``batch`` times."""
+        if not self.text:
+            raise ValueError("class-conditional teachers have no unconditional embedding (no CFG)")
+        if self._uncond1 is None:
+            c = self.encode_prompts([""])
+            if self.family == "sdxl":
+                c = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in c.items()}
+            self._uncond1 = c
+        return {k: v.expand(batch, *v.shape[1:]) for k, v in self._uncond1.items()}
+
+    def encode_labels(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        cond = {"class_labels": labels.long().to(self.device)}
+        if self._null_context:
+            cond["encoder_hidden_states"] = torch.zeros(len(labels), 1, self._cross_dim, device=self.device)
+        return cond

@@ -1,0 +1,34 @@
+"""The GAN classifier on the fake-score UNet's mid-block (DMD2_ALGORITHM.md §6)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class GANHead(nn.Module):
+    """Mid-block H x H x C -> one logit per sample.
+
+    Stride-2 4x4 convs with GroupNorm(32) + SiLU halve the map down to 4x4, a 4x4 stride-4 conv
+    takes it to 1x1, and a 1x1 conv gives the logit; so the head depends on the training
+    resolution (``spatial``). Maps smaller than 4x4 (tiny test models) use a kernel of their size.
+    """
+
+    def __init__(self, channels: int, spatial: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        while spatial > 4:
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), _norm(channels), nn.SiLU()]
+            spatial //= 2
+        k = min(spatial, 4)
+        layers += [nn.Conv2d(channels, channels, k, stride=4), _norm(channels), nn.SiLU(), nn.Conv2d(channels, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats).flatten(1).mean(1).float()

@@ -1,0 +1,195 @@
+"""THE model loader: a teacher from a hub id, a local diffusers folder, or one .safetensors file.
+
+Everything that can be read from the teacher (family, latent channels, resolution, mid-block
+width, cross-attention width, class count, prediction type, noise schedule) is read here and
+never repeated in the recipe.
+
+Folder layouts: SD1.5 / SDXL are ordinary diffusers pipeline folders (model_index.json);
+class-conditional teachers are a folder with ``unet/`` (UNet2DModel, or UNet2DConditionModel
+with a class embedding), ``scheduler/`` (DDPM-style or EDM scheduler config) and optionally
+``vae/`` for latent-space models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..schedule import T, DDPMSchedule, EDMSchedule
+
+FAMILIES = ("sd15", "sdxl", "classcond")
+
+
+@dataclass
+class Teacher:
+    """Everything loaded from a teacher, frozen. ``unet`` is the network every role starts from."""
+
+    source: str
+    family: str
+    unet: nn.Module
+    schedule: DDPMSchedule | EDMSchedule
+    scheduler_config: dict
+    vae: nn.Module | None = None
+    text_encoders: list[nn.Module] = field(default_factory=list)
+    tokenizers: list = field(default_factory=list)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def resolution(self) -> int:
+        """Native pixel resolution: the UNet's sample size times the VAE's downsampling."""
+        size = self.unet.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * self.vae_scale_factor
+
+    @property
+    def channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def num_classes(self) -> int | None:
+        n = getattr(self.unet.config, "num_class_embeds", None)
+        return int(n) if n else None
+
+    @property
+    def mid_channels(self) -> int:
+        return int(self.unet.config.block_out_channels[-1])
+
+    def latent_size(self, resolution: int) -> int:
+        return resolution // self.vae_scale_factor
+
+    def mid_spatial(self, resolution: int) -> int:
+        """Spatial size of the mid-block map: one halving per down block but the last."""
+        return self.latent_size(resolution) // 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1] or Path(source).exists()
+
+
+def _schedule_from_config(cfg: dict, where: str) -> DDPMSchedule | EDMSchedule:
+    cls = cfg.get("_class_name", "")
+    if cls.startswith("EDM"):
+        return EDMSchedule(
+            sigma_min=cfg.get("sigma_min", 0.002), sigma_max=cfg.get("sigma_max", 80.0),
+            rho=cfg.get("rho", 7.0), sigma_data=cfg.get("sigma_data", 0.5), num_timesteps=T,
+        )
+    from diffusers import DDPMScheduler
+
+    n = cfg.get("num_train_timesteps", T)
+    if n != T:
+        raise UserError(f"{where}: num_train_timesteps is {n}; dmd2 supports teachers trained with T={T}")
+    keys = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "num_train_timesteps")
+    ddpm = DDPMScheduler(**{k: cfg[k] for k in keys if k in cfg and cfg[k] is not None})
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "v_prediction"):
+        raise UserError(f"{where}: prediction_type {pred!r} is not supported (epsilon or v_prediction)")
+    return DDPMSchedule(ddpm.alphas_cumprod, pred)
+
+
+def _load_config(source: str, name: str, subfolder: str | None = None) -> dict | None:
+    """A JSON config from a local folder or the hub; None if it does not exist."""
+    if _is_local(source):
+        path = Path(source).expanduser() / (subfolder or "") / name
+        return json.loads(path.read_text()) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(source, name, subfolder=subfolder)).read_text())
+    except EntryNotFoundError:
+        return None
+
+
+def _detect_family(model_index: dict | None, unet_cfg: dict) -> str:
+    name = (model_index or {}).get("_class_name", "")
+    if "XL" in name or unet_cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if model_index and "text_encoder" in model_index:
+        return "sd15"
+    return "classcond"
+
+
+def load_teacher(source: str, family: str = "auto", config_source: str | None = None) -> Teacher:
+    """Load a frozen teacher. ``family`` (from the recipe) is checked against what is found."""
+    where = f"model.teacher: {source!r}"
+    if source.endswith((".safetensors", ".ckpt")):
+        teacher = _load_single_file(source, family, config_source)
+    else:
+        if _is_local(source) and not Path(source).expanduser().is_dir():
+            raise UserError(f"{where} does not exist (expected a diffusers folder, a hub id, or a .safetensors file)")
+        try:
+            teacher = _load_diffusers(source)
+        except UserError:
+            raise
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{where} could not be loaded: {first}") from None
+    if family != "auto" and family != teacher.family:
+        raise UserError(f"{where} is a {teacher.family} teacher but model.family is {family}")
+    for m in (teacher.unet, teacher.vae, *teacher.text_encoders):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    return teacher
+
+
+def _load_diffusers(source: str) -> Teacher:
+    from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+
+    where = f"model.teacher: {source!r}"
+    model_index = _load_config(source, "model_index.json")
+    unet_cfg = _load_config(source, "config.json", "unet")
+    sched_cfg = _load_config(source, "scheduler_config.json", "scheduler")
+    if unet_cfg is None or sched_cfg is None:
+        raise UserError(f"{where} is not a diffusers teacher (needs unet/config.json and scheduler/scheduler_config.json)")
+    family = _detect_family(model_index, unet_cfg)
+    unet_cls = UNet2DModel if unet_cfg.get("_class_name") == "UNet2DModel" else UNet2DConditionModel
+    unet = unet_cls.from_pretrained(source, subfolder="unet")
+    has_vae = (model_index and "vae" in model_index) or _load_config(source, "config.json", "vae") is not None
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if has_vae else None
+    encoders, tokenizers = [], []
+    if family in ("sd15", "sdxl"):
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        encoders.append(CLIPTextModel.from_pretrained(source, subfolder="text_encoder"))
+        tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"))
+        if family == "sdxl":
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"))
+            tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"))
+    elif unet.config.get("num_class_embeds") is None:
+        raise UserError(f"{where} has neither text encoders nor a class embedding (num_class_embeds)")
+    return Teacher(source, family, unet, _schedule_from_config(sched_cfg, where), dict(sched_cfg), vae, encoders, tokenizers)
+
+
+def _load_single_file(source: str, family: str, config_source: str | None) -> Teacher:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    where = f"model.teacher: {source!r}"
+    if not Path(source).expanduser().is_file():
+        raise UserError(f"{where} does not exist")
+    if family == "auto":
+        from safetensors import safe_open
+
+        with safe_open(source, "pt") as f:
+            family = "sdxl" if any(k.startswith("conditioner.embedders.1") for k in f.keys()) else "sd15"
+    if family == "classcond":
+        raise UserError(f"{where}: single-file checkpoints are supported for sd15/sdxl; use a diffusers folder")
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    kw = {"config": config_source} if config_source else {}
+    try:
+        pipe = cls.from_single_file(source, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where} could not be loaded ({str(e).splitlines()[0]}); "
+                        "set model.teacher_config to a diffusers folder of the same architecture") from None
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    sched_cfg = dict(pipe.scheduler.config)
+    return Teacher(source, family, pipe.unet, _schedule_from_config(sched_cfg, where), sched_cfg, pipe.vae, encoders, tokenizers)

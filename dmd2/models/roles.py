@@ -1,0 +1,85 @@
+"""The three networks of DMD2 built from one teacher (DMD2_ALGORITHM.md §1), and the one place
+that switches ``requires_grad`` per phase."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .conditioning import cat_cond
+from .denoiser import Denoiser
+from .gan_head import GANHead
+from .loader import Teacher
+
+
+class Guidance(nn.Module):
+    """Frozen teacher (real score) + trainable fake score + GAN head: one DeepSpeed engine.
+
+    ``forward(fn, *args)`` returns ``fn(self, *args)``: the critic loss (a function in
+    distill.py) runs through the engine's forward, so DeepSpeed's bookkeeping sees it, while the
+    generator phase calls the methods below on ``engine.module`` (see distill.py, Trap 1).
+    """
+
+    def __init__(self, teacher: Denoiser, fake: Denoiser, head: GANHead | None):
+        super().__init__()
+        self.teacher = teacher
+        self.fake = fake
+        self.head = head
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    @torch.no_grad()
+    def real_x0(self, x_t, t, cond, uncond, cfg_scale: float) -> torch.Tensor:
+        """Teacher x0 with classifier-free guidance in the standard form (§4 step 4); cond and
+        uncond run as one batch so ZeRO-3 gathers the teacher once."""
+        if uncond is None or cfg_scale == 1.0:
+            return self.teacher(x_t, t, cond)
+        from ..losses import cfg
+
+        out = self.teacher.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond, uncond))
+        out_c, out_u = out.chunk(2)
+        return self.teacher.schedule.to_x0(x_t.float(), cfg(out_c, out_u, cfg_scale), t)
+
+    def logits(self, x_t, t, cond) -> torch.Tensor:
+        """GAN logits: the head on the fake score's mid-block at (x_t, t, cond) (§6)."""
+        return self.head(self.fake.features(x_t, t, cond))
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def set_phase(guidance: Guidance, phase: str) -> None:
+    """Generator phase: the critic is frozen so its gradients neither accumulate nor reach the
+    bucket twice (Trap 2); critic phase: fake score and GAN head train. The teacher never does."""
+    critic = phase == "critic"
+    guidance.fake.requires_grad_(critic)
+    if guidance.head is not None:
+        guidance.head.requires_grad_(critic)
+    guidance.teacher.requires_grad_(False)
+
+
+def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
+                gradient_checkpointing: bool) -> tuple[Denoiser, Guidance]:
+    """Generator and fake score start as copies of the teacher; the GAN head is random but the
+    same on every rank (seeded), as ZeRO-3 partitions each rank's own copy."""
+    gen_unet = copy.deepcopy(teacher.unet)
+    fake_unet = copy.deepcopy(teacher.unet)
+    for unet in (gen_unet, fake_unet):
+        unet.requires_grad_(True).train()
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()  # non-reentrant: works when a module runs twice per backward
+    if lora is not None and lora.enabled:
+        from .lora import add_lora
+
+        add_lora(gen_unet, lora)
+    head = None
+    if gan:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = GANHead(teacher.mid_channels, teacher.mid_spatial(resolution))
+    guidance = Guidance(Denoiser(teacher.unet, teacher.schedule), Denoiser(fake_unet, teacher.schedule), head)
+    set_phase(guidance, "critic")
+    return Denoiser(gen_unet, teacher.schedule), guidance

@@ -1,0 +1,64 @@
+"""The one few-step sampler (DMD2_ALGORITHM.md §3), used by backward simulation, previews,
+``dmd2 sample``, eval and serve.
+
+Noise comes from a ``Noise`` source so that training draws one stream per (seed, rank, step)
+and sampling draws one stream per image (image i is the same whatever the batch size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+class Noise:
+    """Standard normal noise from one generator per row (per-sample seeds) or one for the batch."""
+
+    def __init__(self, generators: torch.Generator | Sequence[torch.Generator], device="cpu"):
+        self.generators = generators
+        self.device = device
+
+    @classmethod
+    def per_sample(cls, seeds: Sequence[int], device="cpu") -> Noise:
+        return cls([torch.Generator().manual_seed(int(s)) for s in seeds], device)
+
+    def __call__(self, shape: Sequence[int]) -> torch.Tensor:
+        """A tensor of ``shape``; with per-row generators, shape[0] must equal their number."""
+        if isinstance(self.generators, torch.Generator):
+            dev = self.generators.device
+            return torch.randn(tuple(shape), generator=self.generators, device=dev).to(self.device)
+        rows = [torch.randn(tuple(shape[1:]), generator=g) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+
+def pure_noise(schedule, noise: Noise, shape: Sequence[int], t: int) -> torch.Tensor:
+    """Pure noise labelled t (scaled by sigma_t for EDM, eps itself for DDPM)."""
+    return noise(shape) * schedule.initial_noise_scale(t)
+
+
+def timestep_batch(t: int, batch: int, device) -> torch.Tensor:
+    return torch.full((batch,), int(t), dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def sample(
+    denoise: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor],
+    schedule,
+    cond: dict[str, torch.Tensor],
+    shape: Sequence[int],
+    timesteps: Sequence[int],
+    noise: Noise,
+) -> torch.Tensor:
+    """Start from pure noise at timesteps[0]; at each step predict x0, then re-noise it to the
+    next timestep with *fresh* noise (correlated noise causes artifacts); return the last x0.
+    No CFG: it is distilled into the generator."""
+    x = pure_noise(schedule, noise, shape, timesteps[0])
+    x0 = x
+    for i, t in enumerate(timesteps):
+        tt = timestep_batch(t, shape[0], x.device)
+        x0 = denoise(x, tt, cond)
+        if i + 1 < len(timesteps):
+            nxt = timestep_batch(timesteps[i + 1], shape[0], x.device)
+            x = schedule.add_noise(x0, noise(shape), nxt)
+    return x0

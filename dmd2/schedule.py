@@ -1,0 +1,141 @@
+"""Noise parameterisations behind one integer-timestep interface (DMD2_ALGORITHM.md §2).
+
+Every schedule maps an integer t in [0, T) to a noise level, so the algorithm never
+branches on the model family:
+
+- ``DDPMSchedule``: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, model predicts eps or v.
+- ``EDMSchedule``: t indexes an ascending Karras sigma grid, x_t = x0 + sigma_t eps, the
+  model is preconditioned (c_skip, c_out, c_in, c_noise) and returns x0 directly.
+
+Only torch is imported here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+T = 1000
+
+
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class DDPMSchedule:
+    """Discrete DDPM schedule (SD1.5, SDXL, DDPM class-conditional teachers)."""
+
+    kind = "ddpm"
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        self.prediction_type = prediction_type
+        self.num_timesteps = len(alphas_cumprod)
+
+    @classmethod
+    def scaled_linear(cls, beta_start=0.00085, beta_end=0.012, num_timesteps=T, prediction_type="epsilon"):
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+        return cls(torch.cumprod(1.0 - betas, 0), prediction_type)
+
+    def _ab(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _expand(self.alphas_cumprod.to(t.device)[t.long()], like)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = self._ab(t, x0)
+        return (ab.sqrt() * x0.double() + (1 - ab).sqrt() * eps.double()).to(x0.dtype)
+
+    def model_input(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the UNet is called with: DDPM UNets take x_t and the integer timestep."""
+        return x_t, t
+
+    def to_x0(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 from the network output, in float64: at t=999, 1/sqrt(abar) ~ 14.6 amplifies rounding."""
+        ab = self._ab(t, x_t)
+        x, o = x_t.double(), out.double()
+        if self.prediction_type == "epsilon":
+            x0 = (x - (1 - ab).sqrt() * o) / ab.sqrt()
+        else:  # v = sqrt(ab) eps - sqrt(1-ab) x0  =>  x0 = sqrt(ab) x_t - sqrt(1-ab) v
+            x0 = ab.sqrt() * x - (1 - ab).sqrt() * o
+        return x0.to(out.dtype)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's regression target for the fake-score loss (§5): eps, or v."""
+        if self.prediction_type == "epsilon":
+            return eps
+        ab = self._ab(t, x0)
+        return (ab.sqrt() * eps.double() - (1 - ab).sqrt() * x0.double()).to(x0.dtype)
+
+    def native(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network output in the space ``target`` lives in (the raw output for DDPM)."""
+        return out
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+
+    def initial_noise_scale(self, t: int) -> float:
+        """Pure noise labelled t is eps itself (variance-preserving)."""
+        return 1.0
+
+
+class EDMSchedule:
+    """EDM (Karras et al.) x0-prediction with preconditioning; t indexes an ascending sigma grid."""
+
+    kind = "edm"
+
+    def __init__(self, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5, num_timesteps=T):
+        ramp = torch.linspace(0, 1, num_timesteps, dtype=torch.float64)
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        self.sigmas = (lo + ramp * (hi - lo)) ** rho  # ascending: index 0 = sigma_min, T-1 = sigma_max
+        self.sigma_data = sigma_data
+        self.num_timesteps = num_timesteps
+        self.prediction_type = "edm"
+
+    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _expand(self.sigmas.to(t.device)[t.long()], like)
+
+    def add_noise(self, x0, eps, t):
+        return (x0.double() + self.sigma(t, x0) * eps.double()).to(x0.dtype)
+
+    def model_input(self, x_t, t):
+        """c_in x and c_noise = ln(sigma)/4 (EDM Table 1)."""
+        s = self.sigma(t, x_t)
+        c_in = 1 / (s**2 + self.sigma_data**2).sqrt()
+        c_noise = self.sigmas.to(t.device)[t.long()].log() / 4
+        return (c_in * x_t.double()).to(x_t.dtype), c_noise.to(torch.float32)
+
+    def to_x0(self, x_t, out, t):
+        s = self.sigma(t, x_t)
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (s**2 + sd2)
+        c_out = s * self.sigma_data / (s**2 + sd2).sqrt()
+        return (c_skip * x_t.double() + c_out * out.double()).to(out.dtype)
+
+    def target(self, x0, eps, t):
+        return x0
+
+    def native(self, out, x_t, t):
+        return self.to_x0(x_t, out, t)
+
+    def loss_weight(self, t):
+        """lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 (§5, EDM eq. 8 weighting)."""
+        s = self.sigmas.to(t.device)[t.long()]
+        return (1 / s**2 + 1 / self.sigma_data**2).to(torch.float32)
+
+    def initial_noise_scale(self, t: int) -> float:
+        """Pure noise at index t has standard deviation sigma_t (e.g. 80 at t = T-1)."""
+        return float(self.sigmas[t])
+
+
+def default_timesteps(num_steps: int, num_timesteps: int = T) -> list[int]:
+    """range(T-1, 0, -T/K): [999, 749, 499, 249] for K=4 (§3)."""
+    return list(range(num_timesteps - 1, 0, -math.ceil(num_timesteps / num_steps)))[:num_steps]
+
+
+def sample_timesteps(
+    batch: int, lo: int, hi: int, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """t ~ U{lo, ..., hi} inclusive, one per sample."""
+    return torch.randint(lo, hi + 1, (batch,), generator=generator, device=device)

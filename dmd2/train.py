@@ -1,0 +1,221 @@
+"""The DMD2 training loop: setup -> resume -> (critic step, generator step every k) -> log -> save."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint, engines
+from .config import Recipe, recipe_to_yaml
+from .data import RealImages, batch_indices, load_prompts
+from .distill import Batch, critic_loss, generator_input, generator_loss
+from .errors import UserError
+from .logs import RunLogger
+from .models import Conditioner, load_teacher
+from .models.roles import build_roles, set_phase
+from .sampling import Noise, sample
+
+# Recipe fields that may change when a run is resumed; any other change is refused.
+RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.keep_last", "logging.")
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed from (seed, rank, step, ...): resumed runs replay, ranks draw differently."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_compatible(run_dir: Path, recipe: Recipe) -> None:
+    """A run folder holding a different run is refused before anything is written."""
+    import yaml
+
+    saved = run_dir / "recipe.yaml"
+    if not (saved.is_file() and checkpoint.latest(run_dir)):
+        return
+    old, new = _flat(yaml.safe_load(saved.read_text())), _flat(recipe.model_dump(mode="json"))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
+            raise UserError(f"{saved}: {key} was {old.get(key)!r}, now {new.get(key)!r}; resuming needs the same "
+                            f"recipe (only train.max_steps, checkpointing and logging may change) "
+                            f"or a new output_dir")
+
+
+class Setup:
+    """Everything loaded and checked before step 0 (and before the run folder is touched)."""
+
+    def __init__(self, recipe: Recipe, rank: int, world: int):
+        self.recipe, self.rank, self.world = recipe, rank, world
+        self.device = engines.device()
+        m, d, t = recipe.model, recipe.data, recipe.train
+        self.teacher = load_teacher(m.teacher, m.family, m.teacher_config)
+        fam = self.teacher.family
+        self.resolution = t.resolution or self.teacher.resolution
+        if self.resolution % (self.teacher.vae_scale_factor * 2 ** (len(self.teacher.unet.config.block_out_channels) - 1)):
+            raise UserError(f"train.resolution: {self.resolution} is not divisible by the teacher's downsampling")
+        if fam == "classcond" and recipe.loss.cfg_scale != 1.0:
+            raise UserError(f"loss.cfg_scale: {recipe.loss.cfg_scale} but class-conditional teachers use no CFG (set 1.0)")
+        self.prompts = None
+        if fam != "classcond":
+            if d.prompts is None:
+                raise UserError(f"data.prompts: a {fam} teacher needs prompts (a .txt or .jsonl file)")
+            self.prompts = load_prompts(d.prompts)
+        self.real = None
+        if d.real_images is not None:
+            self.real = RealImages(d.real_images, self.resolution, labelled=fam == "classcond",
+                                   num_classes=self.teacher.num_classes, max_bad_fraction=d.max_bad_fraction)
+        self.cond = Conditioner(self.teacher, self.resolution, self.device)
+        self.vae = self.teacher.vae.to(self.device) if self.teacher.vae is not None else None
+        lat = self.teacher.latent_size(self.resolution)
+        self.shape = (t.batch_size, self.teacher.channels, lat, lat)
+        self.timesteps = recipe.generator.resolved_timesteps()
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> the generator's space (scaled VAE latents, or pixels)."""
+        images = images.to(self.device)
+        if self.vae is None:
+            return images
+        lat = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((lat - shift) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return x.float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return self.vae.decode((x / self.vae.config.scaling_factor + shift).to(self.vae.dtype)).sample.float()
+
+    def batch(self, step: int, g: torch.Generator) -> Batch:
+        """This rank's batch at ``step``: a pure function of (seed, step, rank)."""
+        r, t = self.recipe, self.recipe.train
+        B = t.batch_size
+        if self.prompts is not None:
+            idx = batch_indices(len(self.prompts), step, self.rank, self.world, B, t.seed)
+            cond = self.cond.encode_prompts([self.prompts[i] for i in idx])
+        else:
+            labels = torch.randint(0, self.teacher.num_classes, (B,), generator=g, device=g.device)
+            cond = self.cond.encode_labels(labels)
+        uncond = self.cond.uncond(B) if self.cond.text and r.loss.cfg_scale != 1.0 else None
+        real = real_cond = None
+        if self.real is not None:
+            images, items = self.real.load(batch_indices(len(self.real), step, self.rank, self.world, B, t.seed + 1))
+            real = self.encode_images(images)
+            if self.cond.text:
+                real_cond = self.cond.encode_prompts([it.caption for it in items])
+            else:
+                real_cond = self.cond.encode_labels(torch.tensor([it.label for it in items]))
+        return Batch(cond, uncond, real, real_cond)
+
+    def preview_cond(self, n: int) -> dict[str, torch.Tensor]:
+        if self.prompts is not None:
+            return self.cond.encode_prompts([self.prompts[i % len(self.prompts)] for i in range(n)])
+        return self.cond.encode_labels(torch.arange(n) % self.teacher.num_classes)
+
+
+def train(recipe: Recipe) -> Path:
+    """Run (or resume) the recipe; returns the run folder."""
+    rank, world = engines.init_distributed()
+    t = recipe.train
+    torch.manual_seed(t.seed)
+
+    # Load and check everything before step 0; the run folder is written only after this.
+    s = Setup(recipe, rank, world)
+    run_dir = Path(recipe.output_dir)
+    check_resume_compatible(run_dir, recipe)
+    generator, guidance = build_roles(s.teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
+                                      resolution=s.resolution, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing)
+    bf16 = engines.use_bf16(t.precision)
+    ds = {o: engines.ds_config(t.ds_config, batch_size=t.batch_size, grad_clip=getattr(recipe.optim, o).grad_clip,
+                               bf16=bf16, zero_stage=t.zero_stage) for o in ("generator", "critic")}
+    gen_engine = engines.build_engine(generator, recipe.optim.generator, ds["generator"])
+    guidance_engine = engines.build_engine(guidance, recipe.optim.critic, ds["critic"])
+    guide = guidance_engine.module  # the generator phase calls the module, never the engine (Trap 1)
+
+    # Resume from the newest committed checkpoint of this run folder, if any.
+    start = 0
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is not None:
+        start = checkpoint.load(ckpt, gen_engine, guidance_engine)["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    log = RunLogger(run_dir, recipe.logging, rank=rank, max_steps=t.max_steps, start_step=start,
+                    recipe=recipe.model_dump(mode="json"))
+    if ckpt is not None:
+        log.message(f"resumed from {ckpt} at step {start}")
+    schedule = s.teacher.schedule
+    K = len(s.timesteps)
+    step_times = []
+
+    for step in range(start, t.max_steps):
+        tic = time.perf_counter()
+        # All randomness of this step derives from (seed, rank, step); k from (seed, step) only,
+        # so every rank runs the same number of generator calls (ZeRO-3 gathers are collective).
+        g = torch.Generator(s.device).manual_seed(seed_for(t.seed, rank, step))
+        torch.manual_seed(seed_for(t.seed, rank, step, 1))
+        k = int(np.random.default_rng([t.seed, step]).integers(K)) if K > 1 else 0
+        batch = s.batch(step, g)
+        x_t, tk = generator_input(gen_engine.module, schedule, s.timesteps, k, s.shape, batch, g,
+                                  recipe.generator.backward_simulation, s.device)
+
+        # Generator phase (two time-scale rule: every update_ratio steps), critic frozen.
+        metrics: dict[str, float] = {"k": k}
+        if step % t.update_ratio == 0:
+            set_phase(guide, "generator")
+            x = gen_engine(x_t, tk, batch.cond)
+            loss_g, logs_g = generator_loss(guide, x, batch, recipe.loss, g)
+            gen_engine.backward(loss_g)
+            gen_engine.step()
+            set_phase(guide, "critic")
+            metrics.update({k_: v.item() for k_, v in logs_g.items()})
+        else:
+            with torch.no_grad():
+                x = gen_engine.module(x_t, tk, batch.cond)
+
+        # Critic phase, every step, on this step's (pre-update) generator sample.
+        loss_c, logs_c = guidance_engine(critic_loss, x.detach(), batch, recipe.loss, g)
+        guidance_engine.backward(loss_c)
+        guidance_engine.step()
+        metrics.update({k_: v.item() for k_, v in logs_c.items()})
+
+        done = step + 1
+        dt = time.perf_counter() - tic
+        step_times.append(dt)
+        metrics["lr_generator"] = gen_engine.get_lr()[0]
+        metrics["lr_critic"] = guidance_engine.get_lr()[0]
+        metrics["step_time_s"] = dt
+        log.log(done, metrics, images_per_s=t.batch_size * world / dt)
+
+        # Preview grid (every rank samples: ZeRO-3 gathers are collective).
+        if recipe.logging.preview_every and done % recipe.logging.preview_every == 0:
+            n = recipe.logging.preview_images
+            images = sample(gen_engine.module, schedule, s.preview_cond(n), (n, *s.shape[1:]), s.timesteps,
+                            Noise.per_sample(range(n), s.device))
+            log.preview(done, s.decode(images))
+
+        # Save state checkpoint.
+        if done % t.checkpoint_every == 0 or done == t.max_steps:
+            checkpoint.save(run_dir, done, gen_engine, guidance_engine,
+                            {"teacher": recipe.model.teacher, "world_size": world, "timesteps": s.timesteps},
+                            keep_last=t.keep_last, rank=rank)
+
+    if step_times:
+        steady = step_times[1:] or step_times
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        log.message(f"done: {t.max_steps} steps in {run_dir} | median step {np.median(steady):.3f} s | "
+                    f"peak RSS {peak:.0f} MiB (rank {rank})")
+    else:
+        log.message(f"{run_dir} already trained to step {start} (raise train.max_steps to continue)")
+    log.close()
+    return run_dir
