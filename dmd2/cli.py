@@ -40,7 +40,7 @@ def train(
     """Train (or resume) a DMD2 generator from RECIPE.
 
     Re-running the same command on the same output_dir resumes from its newest checkpoint.
-    For N ranks: deepspeed --num_gpus N --module dmd2 train RECIPE [overrides]
+    For N ranks: deepspeed --num_gpus N --module dmd2 train RECIPE \\[overrides]
     (on CPU, set DS_ACCELERATOR=cpu).
     """
     from .config import RecipeError, load_recipe, recipe_to_yaml
@@ -52,8 +52,13 @@ def train(
     if dry_run:
         typer.echo(recipe_to_yaml(cfg), nl=False)
         return
+    import warnings
+
     from .errors import UserError
     from .train import train as run_training
+
+    # DeepSpeed's ZeRO-3 collectives use torch APIs deprecated in torch 2.14; one warning per call
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
     try:
         run_training(cfg)

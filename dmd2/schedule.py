@@ -12,8 +12,6 @@ Only torch is imported here.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 T = 1000
@@ -127,11 +125,6 @@ class EDMSchedule:
     def initial_noise_scale(self, t: int) -> float:
         """Pure noise at index t has standard deviation sigma_t (e.g. 80 at t = T-1)."""
         return float(self.sigmas[t])
-
-
-def default_timesteps(num_steps: int, num_timesteps: int = T) -> list[int]:
-    """range(T-1, 0, -T/K): [999, 749, 499, 249] for K=4 (§3)."""
-    return list(range(num_timesteps - 1, 0, -math.ceil(num_timesteps / num_steps)))[:num_steps]
 
 
 def sample_timesteps(

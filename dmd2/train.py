@@ -130,9 +130,9 @@ def train(recipe: Recipe) -> Path:
     torch.manual_seed(t.seed)
 
     # Load and check everything before step 0; the run folder is written only after this.
-    s = Setup(recipe, rank, world)
     run_dir = Path(recipe.output_dir)
     check_resume_compatible(run_dir, recipe)
+    s = Setup(recipe, rank, world)
     generator, guidance = build_roles(s.teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
                                       resolution=s.resolution, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing)
     bf16 = engines.use_bf16(t.precision)

@@ -52,7 +52,7 @@ class Conditioner:
             ids = self._tokenize(self.tokenizers[0], prompts)
             return {"encoder_hidden_states": self.encoders[0](ids)[0].float()}
         hidden, pooled = [], None
-        for tok, enc in zip(self.tokenizers, self.encoders):
+        for tok, enc in zip(self.tokenizers, self.encoders, strict=True):
             out = enc(self._tokenize(tok, prompts), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the second encoder's projected pooled output (text_embeds)

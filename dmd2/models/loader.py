@@ -17,11 +17,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..errors import UserError
-from ..schedule import T, DDPMSchedule, EDMSchedule
+from ..schedule import DDPMSchedule, EDMSchedule, T
 
 FAMILIES = ("sd15", "sdxl", "classcond")
 

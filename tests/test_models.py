@@ -1,0 +1,84 @@
+"""The loader reads what the recipe must not repeat; one denoiser interface over every family."""
+
+import pytest
+import torch
+
+from dmd2.errors import UserError
+from dmd2.models import Conditioner, Denoiser, GANHead, load_teacher
+from dmd2.schedule import DDPMSchedule, EDMSchedule
+
+FAMILIES = ["sd15", "sdxl", "classcond", "classcond-v", "classcond-edm"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loader_reads_the_teacher(tiny_teacher, family):
+    t = load_teacher(str(tiny_teacher(family)))
+    assert t.family == family.split("-")[0]
+    assert not any(p.requires_grad for p in t.unet.parameters())
+    if family in ("sd15", "sdxl"):
+        assert (t.resolution, t.channels, t.latent_size(t.resolution), t.mid_channels) == (32, 4, 8, 64)
+        assert len(t.text_encoders) == (2 if family == "sdxl" else 1)
+        assert isinstance(t.schedule, DDPMSchedule) and t.schedule.prediction_type == "epsilon"
+    else:
+        assert (t.resolution, t.channels, t.num_classes, t.vae) == (16, 3, 10, None)
+    if family == "classcond-edm":
+        assert isinstance(t.schedule, EDMSchedule)
+    if family == "classcond-v":
+        assert t.schedule.prediction_type == "v_prediction"
+
+
+def test_loader_errors_are_one_line(tmp_path, tiny_teacher):
+    with pytest.raises(UserError, match="does not exist"):
+        load_teacher(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a diffusers teacher"):
+        load_teacher(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="is a sd15 teacher but model.family is sdxl"):
+        load_teacher(str(tiny_teacher("sd15")), family="sdxl")
+
+
+def _cond(t, batch):
+    c = Conditioner(t, t.resolution)
+    if c.text:
+        return c.encode_prompts(["a red circle", "blue stripes"][:batch])
+    return c.encode_labels(torch.arange(batch))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_features_equal_mid_block_of_full_forward(tiny_teacher, family):
+    """The early-exit feature path matches a forward hook on the full UNet's mid-block."""
+    t = load_teacher(str(tiny_teacher(family)))
+    d = Denoiser(t.unet, t.schedule)
+    lat = t.latent_size(t.resolution)
+    x = torch.randn(2, t.channels, lat, lat, generator=torch.Generator().manual_seed(0))
+    tt = torch.tensor([10, 900])
+    cond = _cond(t, 2)
+    seen = {}
+    h = t.unet.mid_block.register_forward_hook(lambda m, i, o: seen.setdefault("mid", o))
+    with torch.no_grad():
+        x0 = d(x, tt, cond)
+        feats = d.features(x, tt, cond)
+    h.remove()
+    torch.testing.assert_close(feats, seen["mid"])
+    assert x0.shape == x.shape and torch.isfinite(x0).all()
+    assert feats.shape[-1] == t.mid_spatial(t.resolution)
+    logits = GANHead(t.mid_channels, t.mid_spatial(t.resolution))(feats)
+    assert logits.shape == (2,)
+
+
+def test_sdxl_conditioning(tiny_teacher):
+    """SDXL: both encoders' penultimate states concatenated, pooled text_embeds, [H,W,0,0,H,W]; zero uncond."""
+    t = load_teacher(str(tiny_teacher("sdxl")))
+    c = Conditioner(t, 32)
+    cond = c.encode_prompts(["a red circle"])
+    assert cond["encoder_hidden_states"].shape[-1] == t.unet.config.cross_attention_dim
+    assert cond["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
+    u = c.uncond(3)
+    assert u["encoder_hidden_states"].abs().sum() == 0 and u["text_embeds"].abs().sum() == 0
+    assert u["time_ids"].shape == (3, 6) and u["time_ids"][0].tolist() == [32, 32, 0, 0, 32, 32]
+
+
+def test_sd15_uncond_is_empty_prompt(tiny_teacher):
+    t = load_teacher(str(tiny_teacher("sd15")))
+    c = Conditioner(t, 32)
+    torch.testing.assert_close(c.uncond(2)["encoder_hidden_states"][1], c.encode_prompts([""])["encoder_hidden_states"][0])
