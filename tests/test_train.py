@@ -16,7 +16,10 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def run_cli(*args, ranks=1, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+    # a fresh process group: drop what an in-process engine test left in os.environ
+    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"})
     if ranks == 1:
         cmd = [sys.executable, "-m", "dmd2", *args]
     else:
