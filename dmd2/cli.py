@@ -80,6 +80,157 @@ def make_tiny_teacher(
     typer.echo(str(tiny.make_tiny_teacher(family, out, seed=seed)))
 
 
+def _quiet_loaders() -> None:
+    """diffusers/transformers progress bars and advice would bury the command's own output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def _timesteps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        _fail(f"--timesteps {text!r}: expected comma-separated integers, e.g. 999,749,499,249")
+
+
+SOURCE_HELP = "A run folder (its newest committed checkpoint) or a folder written by dmd2 export."
+
+
+@app.command()
+def sample(
+    source: Path = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Option(..., "--out", help="Folder for one PNG per image, images.jsonl and grid.png."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
+    prompts_file: Path = typer.Option(None, "--prompts-file", help=".txt (one prompt a line) or .jsonl "
+                                      "(a prompt/caption/text key)."),
+    label: list[int] = typer.Option(None, "--label", help="A class label (repeatable; class-conditional models)."),
+    labels: str = typer.Option(None, "--labels", help="'all': every class in turn (the default for class-conditional models)."),
+    steps: int = typer.Option(None, "--steps", help="Steps, 1 to the number trained (an evenly spaced subset of the "
+                              "trained timesteps); default: all trained timesteps."),
+    timesteps: str = typer.Option(None, "--timesteps", help="Explicit timesteps, strictly descending, e.g. 999,499."),
+    seed: int = typer.Option(0, "--seed", help="Image i is drawn from seed + i, whatever the batch size or ranks."),
+    num_images: int = typer.Option(None, "--num-images", help="Images in all (conditions cycle); default: one per "
+                                   "prompt or label."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass (per rank)."),
+    local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
+) -> None:
+    """Draw images with a distilled generator: OUT/000000.png ..., images.jsonl, grid.png.
+
+    Under the launcher (deepspeed --num_gpus N --module dmd2 sample ...) each rank draws its share.
+    """
+    if labels is not None and labels != "all":
+        _fail(f"--labels {labels!r}: the only value is 'all' (or pass --label N, repeatable)")
+    if labels and label:
+        _fail("pass --label N or --labels all, not both")
+    ts = _timesteps(timesteps)
+    from .errors import UserError
+
+    try:
+        from .data import load_prompts
+
+        prompts = list(prompt or []) + (load_prompts(prompts_file, "--prompts-file") if prompts_file else [])
+        _quiet_loaders()
+        from .generate import sample_to_folder
+
+        folder = sample_to_folder(source, out, prompts=prompts, labels=list(label or []), steps=steps, timesteps=ts,
+                                  seed=seed, num_images=num_images, batch_size=batch_size)
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(str(folder))
+
+
+@app.command("eval")
+def eval_(
+    source: Path = typer.Argument(..., help=SOURCE_HELP),
+    fid: bool = typer.Option(False, "--fid", help="FID (clean-fid, 'clean' mode) against --ref-dir or --ref-stats."),
+    clip: bool = typer.Option(False, "--clip", help="CLIP score: mean cosine similarity of image and prompt embeddings."),
+    prompts_file: Path = typer.Option(None, "--prompts-file", help=".txt or captions .jsonl (e.g. a COCO subset); "
+                                      "image i gets prompt i (cycled). Class-conditional models: classes evenly."),
+    num_images: int = typer.Option(None, "--num-images", help="Images to generate; default: one per prompt, or one "
+                                   "per class."),
+    seed: int = typer.Option(0, "--seed", help="Image i is drawn from seed + i (the teacher too)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass (per rank)."),
+    steps: int = typer.Option(None, "--steps", help="Generator steps (default: all trained timesteps)."),
+    timesteps: str = typer.Option(None, "--timesteps", help="Explicit generator timesteps, e.g. 999,499."),
+    ref_dir: Path = typer.Option(None, "--ref-dir", help="Reference images; statistics computed once and cached."),
+    ref_stats: Path = typer.Option(None, "--ref-stats", help="Reference statistics .npz (mu, sigma), e.g. a cached one."),
+    eval_res: int = typer.Option(None, "--eval-res", min=8, help="Centre-crop and resize every image to this size "
+                                 "before FID (paper: 256 for SD1.5, 512 for SDXL)."),
+    patch_fid: bool = typer.Option(False, "--patch-fid", help="Also patch FID: central 299x299 crops at native resolution."),
+    feature_extractor: Path = typer.Option(None, "--feature-extractor", help="TorchScript module, N x 3 x H x W in "
+                                           "[0, 255] -> N x D (default: clean-fid's Inception, downloaded once)."),
+    clip_model: str = typer.Option(None, "--clip-model", help="CLIP model: hub id or local folder (transformers)."),
+    stats_cache: Path = typer.Option(None, "--stats-cache", help="Where reference statistics are cached "
+                                     "(default ~/.cache/dmd2/fid_stats)."),
+    images_dir: Path = typer.Option(None, "--images-dir", help="Where generated images are kept (default: beside "
+                                    "--out as <name>_images/, else a temporary folder)."),
+    teacher: bool = typer.Option(False, "--teacher", help="Also score the teacher, sampled with its own scheduler."),
+    teacher_steps: int = typer.Option(25, "--teacher-steps", min=1, help="Teacher sampling steps (with --teacher)."),
+    teacher_cfg: float = typer.Option(None, "--teacher-cfg", help="Teacher CFG scale (default: the recipe's loss.cfg_scale)."),
+    out: Path = typer.Option(None, "--out", help="Write the JSON report here (and to the run's wandb, if it logs there)."),
+    local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
+) -> None:
+    """Measure a generator (and optionally its teacher): FID, patch FID, CLIP score -> a JSON report."""
+    if ref_dir is not None and ref_stats is not None:
+        _fail("pass --ref-dir or --ref-stats, not both")
+    if ref_dir is not None and not ref_dir.is_dir():
+        _fail(f"--ref-dir {ref_dir}: no such folder")
+    if ref_stats is not None and not ref_stats.is_file():
+        _fail(f"--ref-stats {ref_stats}: no such file")
+    if feature_extractor is not None and not feature_extractor.is_file():
+        _fail(f"--feature-extractor {feature_extractor}: no such file")
+    ts = _timesteps(timesteps)
+    from .errors import UserError
+
+    try:
+        _quiet_loaders()
+        from .evaluate import evaluate
+
+        report = evaluate(source, fid=fid, clip=clip, prompts_file=prompts_file, num_images=num_images, seed=seed,
+                          batch_size=batch_size, steps=steps, timesteps=ts, ref=ref_dir or ref_stats, eval_res=eval_res,
+                          patch_fid=patch_fid, feature_extractor=feature_extractor, clip_model=clip_model,
+                          stats_cache=stats_cache, images_dir=images_dir,
+                          teacher_steps=teacher_steps if teacher else None, teacher_cfg=teacher_cfg, out=out)
+    except UserError as e:
+        _fail(str(e))
+    for m in report["metrics"]:
+        typer.echo(f"{m['name']}: {m['value']:.6g}")
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A run folder (its newest committed checkpoint)."),
+    out: Path = typer.Option(..., "--out", help="A new (or empty) folder to write."),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers: UNet folder (full weights); lora: the LoRA adapter "
+                            "of a LoRA run as one .safetensors."),
+    pipeline: bool = typer.Option(False, "--pipeline", help="A complete diffusers pipeline folder (SD1.5/SDXL): the "
+                                  "teacher's VAE, text encoders, tokenizers and an LCMScheduler for the distilled timesteps."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
+    lora_style: str = typer.Option("diffusers", "--lora-style", help="Key names of --format lora: diffusers, or kohya "
+                                   "(ComfyUI / A1111)."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="LoRA runs: write merged full weights (--format diffusers)."),
+) -> None:
+    """Export a run's generator for diffusers, ComfyUI or A1111; recipe, step and timesteps go into
+    OUT/dmd2.json and the safetensors metadata."""
+    from .errors import UserError
+
+    try:
+        _quiet_loaders()
+        from .export import export as run_export
+
+        folder = run_export(source, out, fmt=fmt, pipeline=pipeline, dtype=dtype, lora_style=lora_style,
+                            merge_lora=merge_lora)
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(str(folder))
+
+
 def main() -> None:
     app(prog_name="dmd2")
 

@@ -1,0 +1,393 @@
+"""``dmd2 eval``: FID (clean-fid) and CLIP score of a generator and of its teacher, with the
+paper's protocols (DMD2_ALGORITHM.md §8).
+
+The pieces are plain functions of uint8 images (N x H x W x 3 tensors) or image folders, so
+other scripts can plug in their own feature extractor and extra metrics::
+
+    extractor = load_feature_extractor("inception.pt")       # or any N x 3 x H x W [0, 255] -> N x D callable
+    mu, sigma = stats(image_features(images, extractor, Protocol(eval_res=256)))
+    fid = frechet_distance(mu, sigma, *reference_stats(ref_dir, extractor, Protocol(eval_res=256)))
+    clip = clip_scores(images, prompts, *load_clip("openai/clip-vit-large-patch14")).mean()
+
+Features follow clean-fid's "clean" mode exactly (the protocol transform, then a float PIL
+bicubic resize to 299 x 299, values in [0, 255]); ``image_features`` of a tensor equals clean-fid's
+``get_folder_features`` of the same images saved as PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .generate import (
+    barrier,
+    choose_timesteps,
+    conditions,
+    dist_env,
+    draw,
+    load_generator,
+    load_images,
+    save_images,
+    teacher_draw,
+    teacher_of,
+    teacher_timesteps,
+)
+
+# clean-fid downloads its Inception here (features.py); nothing else is fetched by this module.
+INCEPTION = Path("/tmp") / "inception-2015-12-05.pt"
+NO_EXTRACTOR = ("--fid needs a feature extractor and clean-fid's Inception cannot be downloaded here: pass "
+                "--feature-extractor PATH (a TorchScript module: N x 3 x H x W floats in [0, 255] -> N x D "
+                "features; clean-fid's inception-2015-12-05.pt works)")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images are prepared before clean-fid's resize to 299 x 299.
+
+    ``eval_res``: centre-crop to a square and resize (PIL bicubic) to eval_res x eval_res, as the
+    paper does for COCO (256 for SD1.5, 512 for SDXL); ``patch``: patch FID, the central
+    299 x 299 crop at native resolution (smaller images: their central square).
+    """
+
+    eval_res: int | None = None
+    patch: bool = False
+
+    def transform(self, img: np.ndarray) -> np.ndarray:
+        """H x W x 3 uint8 -> the image clean-fid then resizes (clean-fid's custom_image_tranform)."""
+        if not (self.patch or self.eval_res):
+            return img
+        h, w = img.shape[:2]
+        side = min(h, w, 299) if self.patch else min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        img = img[top:top + side, left:left + side]
+        if not self.patch and side != self.eval_res:
+            from PIL import Image
+
+            img = np.asarray(Image.fromarray(img).resize((self.eval_res, self.eval_res), Image.BICUBIC))
+        return img
+
+    def describe(self) -> dict:
+        prep = ("central 299x299 crop at native resolution" if self.patch else
+                f"centre square crop, PIL bicubic to {self.eval_res}" if self.eval_res else "none")
+        return {"mode": "clean", "preprocess": prep, "resize": "PIL bicubic (float) to 299x299"}
+
+
+@dataclass
+class FeatureExtractor:
+    """N x 3 x H x W float in [0, 255] -> N x D features; ``ident`` keys cached statistics."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    name: str
+    ident: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def load_feature_extractor(path: str | Path | None = None, device="cpu") -> FeatureExtractor:
+    """A TorchScript feature extractor; None: clean-fid's Inception (downloaded once, if possible)."""
+    if path is None:
+        if not INCEPTION.is_file():
+            if _offline():
+                raise UserError(NO_EXTRACTOR)
+            try:
+                from cleanfid.downloads_helper import check_download_inception
+
+                check_download_inception(fpath=str(INCEPTION.parent))
+            except Exception:  # no network, proxy, partial file: all mean "pass one"
+                raise UserError(NO_EXTRACTOR) from None
+        path = INCEPTION
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--feature-extractor {path}: no such file")
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, and clean-fid's format
+            model = torch.jit.load(str(path), map_location=device).eval()
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--feature-extractor {path}: not a TorchScript module ({str(e).strip().splitlines()[0]})") from None
+    if hasattr(model, "layers"):  # clean-fid's Inception: features from its layers, as cleanfid's InceptionV3W
+        def fn(x):
+            return model.layers.forward((x - 128) / 128).reshape(x.shape[0], -1)
+    else:
+        fn = model
+    return FeatureExtractor(fn, path.name, _sha256(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# FID
+
+
+def image_features(images: torch.Tensor, extractor: Callable, protocol: Protocol = Protocol(),
+                   batch_size: int = 64, device="cpu") -> np.ndarray:
+    """N x H x W x 3 uint8 -> N x D features, as clean-fid computes them for image files."""
+    from cleanfid.fid import get_batch_features
+    from cleanfid.resize import build_resizer
+
+    resize = build_resizer("clean")
+    feats = []
+    for i in range(0, len(images), batch_size):
+        rows = [resize(protocol.transform(img.numpy())) for img in images[i:i + batch_size]]
+        batch = torch.from_numpy(np.stack(rows).transpose(0, 3, 1, 2).copy())
+        feats.append(get_batch_features(batch, extractor, torch.device(device)))
+    return np.concatenate(feats)
+
+
+def folder_features(folder: str | Path, extractor: Callable, protocol: Protocol = Protocol(),
+                    batch_size: int = 64, device="cpu") -> np.ndarray:
+    """Features of every image under ``folder`` (clean-fid's own folder reader, offline settings)."""
+    from cleanfid.fid import get_folder_features
+
+    return get_folder_features(str(folder), extractor, num_workers=0, batch_size=batch_size,
+                               device=torch.device(device), mode="clean", verbose=False,
+                               custom_image_tranform=protocol.transform)
+
+
+def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    from cleanfid.fid import frechet_distance as fd
+
+    return float(fd(mu1, sigma1, mu2, sigma2))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from cleanfid.utils import EXTENSIONS
+
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in EXTENSIONS)
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmd2" / "fid_stats"
+
+
+def reference_stats(ref: str | Path, extractor: FeatureExtractor | None = None, protocol: Protocol = Protocol(), *,
+                    cache_dir: str | Path | None = None, batch_size: int = 64, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a reference: a statistics .npz (keys mu, sigma, as clean-fid writes them),
+    or a folder of images, computed once and cached under a key of extractor + protocol + files."""
+    ref = Path(ref)
+    if ref.is_file():
+        try:
+            with np.load(ref) as f:
+                return f["mu"], f["sigma"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--ref-stats {ref}: not a statistics .npz with mu and sigma ({e})") from None
+    if not ref.is_dir():
+        raise UserError(f"{ref}: no such reference folder or statistics file")
+    files = _image_files(ref)
+    if len(files) < 2:
+        raise UserError(f"--ref-dir {ref}: needs at least 2 images, found {len(files)}")
+    listing = [(str(f.relative_to(ref)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps([extractor.ident, protocol.describe(), str(ref.resolve()), listing]).encode())
+    cache = Path(cache_dir) if cache_dir else default_cache()
+    path = cache / f"{ref.resolve().name}-{key.hexdigest()[:16]}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return f["mu"], f["sigma"]
+    mu, sigma = stats(folder_features(ref, extractor, protocol, batch_size, device))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, n=len(files))
+    os.replace(tmp, path)
+    return mu, sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP score
+
+
+def load_clip(name: str, device="cpu"):
+    """(CLIPModel, processor) from a hub id or a local folder, through transformers."""
+    from transformers import AutoProcessor, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(name).to(device).eval()
+        processor = AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--clip-model {name!r}: cannot load a CLIP model ({first}); pass a local folder holding a "
+                        "transformers CLIPModel and its processor") from None
+    return model, processor
+
+
+@torch.no_grad()
+def clip_scores(images: torch.Tensor, prompts: Sequence[str], model, processor, batch_size: int = 64) -> torch.Tensor:
+    """Cosine similarity of each image's and its prompt's CLIP embeddings (N values in [-1, 1])."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        inputs = processor(text=list(prompts[i:i + batch_size]), images=list(images[i:i + batch_size].numpy()),
+                           return_tensors="pt", padding=True, truncation=True)
+        o = model(**{k: v.to(device) for k, v in inputs.items()})
+        out.append((o.image_embeds * o.text_embeds).sum(-1).float().cpu())  # both L2-normalised by CLIPModel
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The eval command
+
+
+def _fresh(folder: Path, rank: int, world: int) -> Path:
+    """An empty folder for this eval's images (stale files would enter the statistics)."""
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    barrier(world)
+    return folder
+
+
+def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, prompts_file: str | None = None,
+             num_images: int | None = None, seed: int = 0, batch_size: int = 8, steps: int | None = None,
+             timesteps: Sequence[int] | None = None, ref: str | Path | None = None, eval_res: int | None = None,
+             patch_fid: bool = False, feature_extractor: str | None = None, clip_model: str | None = None,
+             stats_cache: str | None = None, images_dir: str | Path | None = None, teacher_steps: int | None = None,
+             teacher_cfg: float | None = None, out: str | Path | None = None, device=None) -> dict:
+    """Generate ``num_images`` images (image i: seed + i, prompt i of the file or class i mod C), score
+    them, and do the same for the teacher if ``teacher_steps``; returns (and writes) the report."""
+    import tempfile
+
+    from .data import load_prompts
+    from .engines import device as default_device
+
+    t0 = time.time()
+    rank, world = dist_env()
+    # Everything that can be checked without models, first.
+    if not (fid or clip):
+        raise UserError("nothing to measure: pass --fid and/or --clip")
+    if fid and ref is None:
+        raise UserError("--fid needs --ref-dir (a folder of reference images) or --ref-stats (a statistics .npz)")
+    if clip and not clip_model:
+        raise UserError("--clip needs --clip-model (a hub id or a local CLIP folder)")
+    if teacher_steps is not None:
+        teacher_timesteps(teacher_steps)
+    if images_dir is None:
+        if out is not None:
+            images_dir = Path(out).with_name(Path(out).stem + "_images")
+        elif world == 1:
+            images_dir = Path(tempfile.mkdtemp(prefix="dmd2-eval-"))
+        else:
+            raise UserError("under the launcher, pass --images-dir (a folder every rank can write) or --out")
+    images_dir = Path(images_dir)
+    device = device or default_device()
+    prompts = load_prompts(prompts_file, "--prompts-file") if prompts_file else ()
+
+    gen = load_generator(source, device)
+    if clip and not gen.cond.text:
+        raise UserError("--clip: CLIP score needs a text-to-image model")
+    ts = choose_timesteps(gen.timesteps, steps, timesteps)
+    conds = conditions(gen, prompts, (), num_images)
+    seeds = [seed + i for i in range(len(conds))]
+    protocols = {"fid": Protocol(eval_res=eval_res)} if fid else {}
+    if fid and patch_fid:
+        protocols["patch_fid"] = Protocol(patch=True)
+
+    # Rank 0 loads the metric models and reference statistics before the long part.
+    extractor, refs, clipper = None, {}, None
+    if rank == 0:
+        if fid:
+            extractor = load_feature_extractor(feature_extractor, device)
+            refs = {name: reference_stats(ref, extractor, p, cache_dir=stats_cache, batch_size=batch_size * 8,
+                                          device=device) for name, p in protocols.items()}
+        if clip:
+            clipper = load_clip(clip_model, device)
+
+    def score(folder: Path, prefix: str) -> list[dict]:
+        found = []
+        for name, p in protocols.items():
+            mu, sigma = stats(folder_features(folder, extractor, p, batch_size * 8, device))
+            found.append({"name": prefix + name, "value": frechet_distance(mu, sigma, *refs[name])})
+        if clip:
+            cos = torch.cat([clip_scores(load_images(folder, range(i, min(i + 256, len(conds)))), conds[i:i + 256],
+                                         *clipper) for i in range(0, len(conds), 256)])
+            found.append({"name": prefix + "clip_score", "value": float(cos.mean())})
+        return found
+
+    metrics: list[dict] = []
+    folder = _fresh(images_dir / "student", rank, world)
+    for chunk, images in draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size, progress=rank == 0):
+        save_images(images, chunk, folder)
+    barrier(world)
+    if rank == 0:
+        metrics += score(folder, "")
+    report = {"metrics": metrics, "n": len(conds), "model": str(Path(source).resolve()), "step": gen.step, "seconds": 0.0,
+              "protocol": {"seed": seed, "timesteps": ts, "prompts": str(prompts_file) if prompts_file else None, "images": str(images_dir),
+                           "reference": str(ref) if fid else None,
+                           "feature_extractor": {"name": extractor.name, "sha256": extractor.ident} if extractor else None,
+                           "clip_model": clip_model if clip else None,
+                           **{name: p.describe() | {"eval_res": p.eval_res} for name, p in protocols.items()}}}
+
+    if teacher_steps is not None:
+        recipe, resolution = gen.recipe, gen.resolution
+        del gen  # one UNet in memory at a time
+        teacher = teacher_of(recipe, f"{source}: recipe")
+        cfg = recipe.loss.cfg_scale if teacher_cfg is None else teacher_cfg
+        folder = _fresh(images_dir / f"teacher_{teacher_steps}steps", rank, world)
+        for chunk, images in teacher_draw(teacher, conds, seeds, teacher_steps, range(rank, len(conds), world),
+                                          batch_size, cfg_scale=cfg, resolution=resolution, device=device,
+                                          progress=rank == 0):
+            save_images(images, chunk, folder)
+        barrier(world)
+        if rank == 0:
+            metrics += score(folder, "teacher/")
+        sampler = (teacher.scheduler_config["_class_name"] if teacher.family != "classcond" else
+                   f"dmd2.generate.ode_sample ({'Euler' if teacher.schedule.kind == 'edm' else 'DDIM'})")
+        report["teacher"] = {"source": recipe.model.teacher, "steps": teacher_steps, "sampler": sampler,
+                             "cfg_scale": cfg if teacher.family != "classcond" else None}
+    report["seconds"] = round(time.time() - t0, 3)
+    if rank == 0 and out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+        _log_wandb(Path(source), report)
+    return report
+
+
+def _log_wandb(run_dir: Path, report: dict) -> None:
+    """Add the metrics to the run's wandb run (same id as training) when the run logs to wandb."""
+    from .config import RecipeError, load_recipe
+
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.is_file() or not (run_dir / "recipe.yaml").is_file():
+        return
+    try:
+        cfg = load_recipe(run_dir / "recipe.yaml").logging.wandb
+    except RecipeError:
+        return
+    if cfg.mode == "disabled":
+        return
+    try:
+        import wandb
+
+        run = wandb.init(project=cfg.project, name=cfg.name, entity=cfg.entity, mode=cfg.mode, dir=str(run_dir),
+                         id=id_file.read_text().strip(), resume="allow")
+        values = {f"eval/{m['name']}": m["value"] for m in report["metrics"]}
+        run.log({**values, "eval/step": report["step"]})
+        run.summary.update(values)
+        run.finish()
+    except Exception as e:  # the report is written; a logging failure must not lose it
+        print(f"warning: could not log the report to wandb: {e}", flush=True)

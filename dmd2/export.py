@@ -1,0 +1,180 @@
+"""``dmd2 export``: a run's generator as files that diffusers, ComfyUI and A1111 load.
+
+- ``diffusers``: ``unet/`` (safetensors, fp32/fp16/bf16). With ``pipeline`` (SD1.5/SDXL), a whole
+  StableDiffusion(XL)Pipeline folder (the teacher's VAE, text encoders and tokenizers) whose
+  scheduler is an ``LCMScheduler``: its step is exactly the distilled sampler's (predict x0,
+  re-noise it to the next timestep with fresh noise, return the last x0). Class-conditional
+  models have no diffusers pipeline: their export is ``unet/`` + the teacher's ``scheduler/`` (for
+  the parameterisation) + ``vae/`` if any, sampled by ``dmd2 sample`` or by hand (dmd2.json).
+- ``lora`` (LoRA runs): the adapter as one .safetensors with diffusers (peft) key names, or
+  kohya's (``lora_unet_*.lora_down/lora_up/alpha``). The alpha/rank scale is folded into the up
+  weights, so every loader applies it the same way (alpha = rank).
+
+Every export holds dmd2.json (recipe, step, timesteps, family, schedule) and the same record in
+the "dmd2" entry of its safetensors headers, so a lone copied file still says what it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .generate import EXPORT_META, Generator, diffusers_pipeline, is_export, load_generator
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "dmd2_lora_kohya.safetensors"}
+# Scheduler settings carried from the teacher to the exported LCMScheduler (the noise schedule).
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                  "prediction_type", "rescale_betas_zero_snr")
+
+
+def distilled_scheduler(scheduler_config: dict, timesteps: list[int]):
+    """An LCMScheduler on the teacher's noise schedule that steps like ``sampling.sample``.
+
+    ``original_inference_steps = K`` makes ``num_inference_steps=K`` pick T-1, ..., T/K - 1 (e.g.
+    [999, 749, 499, 249]); other trained timesteps (1-step at 399) must be passed as ``timesteps=``.
+    No clipping or thresholding of x0: the distilled sampler has none.
+    """
+    from diffusers import LCMScheduler
+
+    cfg = {k: scheduler_config[k] for k in _SCHEDULE_KEYS if scheduler_config.get(k) is not None}
+    return LCMScheduler(**cfg, original_inference_steps=len(timesteps), clip_sample=False,
+                        thresholding=False, steps_offset=1)
+
+
+def _metadata(gen: Generator, **extra) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("dmd2")
+    except PackageNotFoundError:
+        v = "unknown"
+    return {
+        "dmd2_version": v, "source": str(Path(gen.source).resolve()), "step": gen.step, "family": gen.family,
+        "resolution": gen.resolution, "timesteps": gen.timesteps,
+        "schedule": {"kind": gen.schedule.kind, "prediction_type": gen.schedule.prediction_type},
+        "teacher": gen.recipe.model.teacher, **extra, "recipe": gen.recipe.model_dump(mode="json"),
+    }
+
+
+def _stamp(files, meta: dict) -> None:
+    """Add the dmd2 record to safetensors headers (keeping what is there, e.g. format=pt)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            old = h.metadata() or {}
+        save_file(load_file(str(f)), str(f), metadata={**old, "dmd2": json.dumps(meta)})
+
+
+def _usage(gen: Generator, pipeline: bool) -> str:
+    K = len(gen.timesteps)
+    if gen.family == "classcond":
+        return ("x = sigma_or_1(t0) * randn; for each t in timesteps: x0 = x0-prediction of unet/ with scheduler/'s "
+                "parameterisation; x = add_noise(x0, fresh randn, next t); image = vae/ decode of the last x0 "
+                "(dmd2 sample does this)")
+    if pipeline:
+        return (f"DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps={K}, "
+                f"timesteps={gen.timesteps}, guidance_scale=0)  # no CFG: it is distilled in")
+    return "the UNet of the teacher's pipeline; sample it with dmd2 sample, or with --pipeline's LCMScheduler"
+
+
+def export(run: str | Path, out: str | Path, *, fmt: str = "diffusers", pipeline: bool = False, dtype: str = "fp32",
+           lora_style: str = "diffusers", merge_lora: bool = False) -> Path:
+    """Write the run's newest committed generator to ``out`` (a new or empty folder)."""
+    run, out = Path(run), Path(out)
+    if fmt not in ("diffusers", "lora"):
+        raise UserError(f"--format {fmt}: expected diffusers or lora")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if lora_style not in LORA_FILES:
+        raise UserError(f"--lora-style {lora_style}: expected diffusers or kohya")
+    if lora_style != "diffusers" and fmt != "lora":
+        raise UserError("--lora-style is for --format lora")
+    if fmt == "lora" and (pipeline or merge_lora):
+        raise UserError(f"--format lora writes the adapter file only; {'--pipeline' if pipeline else '--merge-lora'} "
+                        "is for full weights (--format diffusers)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: exists and is not an empty folder")
+    if is_export(run):
+        raise UserError(f"{run}: is already an export; dmd2 export reads a run folder")
+
+    gen = load_generator(run, "cpu", merge_lora=fmt != "lora")
+    lora = gen.recipe.model.lora.enabled
+    if fmt == "lora" and not lora:
+        raise UserError(f"--format lora: {run} trained full weights, not a LoRA; use --format diffusers")
+    if fmt == "lora" and gen.family == "classcond":
+        raise UserError("--format lora: LoRA files are for SD1.5/SDXL pipelines; use --merge-lora for a "
+                        "class-conditional model")
+    if fmt == "diffusers" and lora and not merge_lora:
+        raise UserError(f"{run} is a LoRA run: --format lora writes the adapter, --merge-lora writes full weights")
+    if merge_lora and not lora:
+        raise UserError(f"--merge-lora: {run} is not a LoRA run")
+    if pipeline and gen.family == "classcond":
+        raise UserError("--pipeline: class-conditional models have no diffusers pipeline; the export is already "
+                        "complete (unet/, scheduler/, vae/)")
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "lora":
+        _export_lora(gen, out, dtype, lora_style)
+    else:
+        _export_diffusers(gen, out, dtype, pipeline, merged=merge_lora)
+    return out
+
+
+def _export_diffusers(gen: Generator, out: Path, dtype: str, pipeline: bool, merged: bool) -> None:
+    parts = gen.parts
+    complete = pipeline or gen.family == "classcond"
+    meta = _metadata(gen, format="diffusers", weights="unet", complete=complete, pipeline=pipeline, dtype=dtype,
+                     merged_lora=merged, usage=_usage(gen, pipeline))
+    torch_dtype = DTYPES[dtype]
+    if pipeline:
+        pipe = diffusers_pipeline(parts, distilled_scheduler(parts.scheduler_config, gen.timesteps))
+        if torch_dtype != torch.float32:
+            pipe.to(dtype=torch_dtype)
+        pipe.save_pretrained(out, safe_serialization=True)
+    else:
+        parts.unet.to(torch_dtype).save_pretrained(out / "unet", safe_serialization=True)  # noqa
+        if gen.family == "classcond":
+            (out / "scheduler").mkdir()
+            (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(parts.scheduler_config, indent=2))
+            if parts.vae is not None:
+                parts.vae.to(torch_dtype).save_pretrained(out / "vae", safe_serialization=True)
+    _stamp(sorted((out / "unet").glob("*.safetensors")), meta)
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=1))
+
+
+def lora_state_dict(unet: torch.nn.Module, scale: float, style: str) -> dict[str, torch.Tensor]:
+    """The peft adapter of ``unet`` as a LoRA file's tensors, with ``scale`` folded into B (up)."""
+    from peft.utils import get_peft_model_state_dict
+
+    out = {}
+    for key, w in get_peft_model_state_dict(unet).items():
+        module, kind = key.rsplit(".lora_", 1)  # "down_blocks.0....to_q", "A.weight" / "B.weight"
+        up = kind.startswith("B")
+        w = (w * scale if up else w).contiguous()
+        if style == "diffusers":
+            out[f"unet.{key}"] = w
+        else:
+            name = "lora_unet_" + module.replace(".", "_")
+            out[f"{name}.lora_{'up' if up else 'down'}.weight"] = w
+            if not up:
+                out[f"{name}.alpha"] = torch.tensor(float(w.shape[0]))  # alpha = rank: scale already folded
+    return out
+
+
+def _export_lora(gen: Generator, out: Path, dtype: str, style: str) -> None:
+    from safetensors.torch import save_file
+
+    cfg = gen.recipe.model.lora
+    name = LORA_FILES[style]
+    meta = _metadata(gen, format="lora", weights=name, lora_style=style, lora_rank=cfg.rank, lora_alpha=cfg.alpha,
+                     complete=False, dtype=dtype,
+                     usage=f"pipe = <{gen.family} pipeline of the teacher>; pipe.scheduler = LCMScheduler(...); "
+                           f"pipe.load_lora_weights(folder); pipe(prompt, timesteps={gen.timesteps}, guidance_scale=0)")
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in lora_state_dict(gen.parts.unet, cfg.alpha / cfg.rank, style).items()}
+    save_file(tensors, str(out / name), metadata={"format": "pt", "dmd2": json.dumps(meta)})
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=1))
