@@ -172,9 +172,13 @@ def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    import warnings
+
     from cleanfid.fid import frechet_distance as fd
 
-    return float(fd(mu1, sigma1, mu2, sigma2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # clean-fid passes scipy's deprecated sqrtm(disp=)
+        return float(fd(mu1, sigma1, mu2, sigma2))
 
 
 def _image_files(folder: Path) -> list[Path]:
