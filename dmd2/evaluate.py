@@ -271,9 +271,14 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
              timesteps: Sequence[int] | None = None, ref: str | Path | None = None, eval_res: int | None = None,
              patch_fid: bool = False, feature_extractor: str | None = None, clip_model: str | None = None,
              stats_cache: str | None = None, images_dir: str | Path | None = None, teacher_steps: int | None = None,
-             teacher_cfg: float | None = None, out: str | Path | None = None, device=None) -> dict:
+             teacher_cfg: float | None = None, out: str | Path | None = None, device=None,
+             extra_metrics: dict[str, Callable[[torch.Tensor, list], float]] | None = None) -> dict:
     """Generate ``num_images`` images (image i: seed + i, prompt i of the file or class i mod C), score
-    them, and do the same for the teacher if ``teacher_steps``; returns (and writes) the report."""
+    them, and do the same for the teacher if ``teacher_steps``; returns (and writes) the report.
+
+    ``feature_extractor``: a TorchScript path, or a loaded ``FeatureExtractor``. ``extra_metrics``:
+    name -> fn(images N x H x W x 3 uint8, conditions) -> float, scored beside FID and CLIP.
+    """
     import tempfile
 
     from .data import load_prompts
@@ -282,7 +287,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     t0 = time.time()
     rank, world = dist_env()
     # Everything that can be checked without models, first.
-    if not (fid or clip):
+    if not (fid or clip or extra_metrics):
         raise UserError("nothing to measure: pass --fid and/or --clip")
     if fid and ref is None:
         raise UserError("--fid needs --ref-dir (a folder of reference images) or --ref-stats (a statistics .npz)")
@@ -315,7 +320,8 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     extractor, refs, clipper = None, {}, None
     if rank == 0:
         if fid:
-            extractor = load_feature_extractor(feature_extractor, device)
+            extractor = (feature_extractor if isinstance(feature_extractor, FeatureExtractor)
+                         else load_feature_extractor(feature_extractor, device))
             refs = {name: reference_stats(ref, extractor, p, cache_dir=stats_cache, batch_size=batch_size * 8,
                                           device=device) for name, p in protocols.items()}
         if clip:
@@ -330,6 +336,9 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
             cos = torch.cat([clip_scores(load_images(folder, range(i, min(i + 256, len(conds)))), conds[i:i + 256],
                                          *clipper) for i in range(0, len(conds), 256)])
             found.append({"name": prefix + "clip_score", "value": float(cos.mean())})
+        if extra_metrics:
+            images = load_images(folder, range(len(conds)))
+            found += [{"name": prefix + name, "value": float(fn(images, conds))} for name, fn in extra_metrics.items()]
         return found
 
     metrics: list[dict] = []

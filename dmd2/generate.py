@@ -310,6 +310,18 @@ def generate_images(gen: Generator, conds: Sequence[str | int], seed: int = 0, t
     return torch.cat(out)
 
 
+def teacher_images(teacher: Teacher, conds: Sequence[str | int], steps: int, seed: int = 0, *, cfg_scale: float = 1.0,
+                   resolution: int | None = None, batch_size: int = 16, device="cpu") -> torch.Tensor:
+    """The teacher's images as one N x H x W x 3 uint8 tensor (image i from seed + i), like ``generate_images``."""
+    from .logs import to_uint8_images
+
+    seeds = [seed + i for i in range(len(conds))]
+    out = [to_uint8_images(x) for _, x in teacher_draw(teacher, conds, seeds, steps, range(len(conds)), batch_size,
+                                                         cfg_scale=cfg_scale, resolution=resolution or teacher.resolution,
+                                                         device=device)]
+    return torch.cat(out)
+
+
 def save_images(images: torch.Tensor, positions: Sequence[int], folder: Path) -> None:
     """B x 3 x H x W in [-1, 1] -> folder/{i:06d}.png (lossless, so metrics read what was drawn)."""
     from PIL import Image

@@ -377,8 +377,18 @@ def test_eval_cli_scores_student_and_teacher(sd15_run, tmp_path, extractor_file,
 
 def test_classcond_labels_teacher_and_export(classcond_run, tmp_path):
     from dmd2.errors import UserError
+    from dmd2.evaluate import evaluate
     from dmd2.export import export
-    from dmd2.generate import conditions, load_generator, ode_sample, teacher_draw, teacher_of
+    from dmd2.generate import (
+        conditions,
+        generate_images,
+        load_generator,
+        ode_sample,
+        teacher_draw,
+        teacher_images,
+        teacher_of,
+    )
+    from dmd2.logs import to_uint8_images
     from dmd2.models import Conditioner, Denoiser
     from dmd2.sampling import Noise
 
@@ -405,6 +415,14 @@ def test_classcond_labels_teacher_and_export(classcond_run, tmp_path):
     drawn = torch.cat([im for _, im in teacher_draw(teacher, [0, 1], [0, 1], 4, [0, 1], 2, cfg_scale=1.0,
                                                      resolution=16, device="cpu")])
     assert drawn.shape == (2, 3, 16, 16) and torch.isfinite(drawn).all()
+    assert torch.equal(teacher_images(teacher, [0, 1], 4, batch_size=2), to_uint8_images(drawn))
+    assert torch.equal(generate_images(gen, [0, 1], batch_size=2), to_uint8_images(x))
+
+    # scripts plug their own metrics of uint8 images into eval, for the student and the teacher
+    report = evaluate(classcond_run, num_images=4, images_dir=tmp_path / "ev", teacher_steps=2,
+                      extra_metrics={"brightness": lambda images, conds: images.float().mean() / 255})
+    assert [m["name"] for m in report["metrics"]] == ["brightness", "teacher/brightness"]
+    assert report["teacher"]["sampler"] == "dmd2.generate.ode_sample (DDIM)"
 
     export(classcond_run, tmp_path / "cc")
     assert sorted(p.name for p in (tmp_path / "cc").iterdir()) == ["dmd2.json", "scheduler", "unet"]
