@@ -2,23 +2,35 @@
 
 Layout of ``<output_dir>/checkpoints/step_XXXXXXXX/``::
 
-    generator/       DeepSpeed tag folder of the generator engine
-    guidance/        DeepSpeed tag folder of the guidance engine (the frozen teacher is not saved)
-    state.json       step and what resume checks
-    COMMITTED        written last, atomically, after every rank finished: only then does it count
+    generator/          DeepSpeed tag folder of the generator engine
+    guidance/           DeepSpeed tag folder of the guidance engine (the frozen teacher is not saved)
+    manifest.rankR.json size and sha256 of every file rank R wrote
+    state.json          step and what resume checks
+    COMMITTED           written last, atomically, after a barrier: only then does the folder count
 
-Randomness and data order derive from (seed, rank, step), so the step is all the loop needs.
-The step is read from state.json, never parsed from a folder name.
+A checkpoint counts only when committed and verified: torch and safetensors both load a
+flipped byte silently, so the manifests' checksums are what catch it. Randomness and data order
+derive from (seed, rank, step), so the step is all the loop needs; it is read from state.json,
+never parsed from a folder name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from . import faults
+from .errors import UserError
+
 COMMIT = "COMMITTED"
+TAGS = ("generator", "guidance")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is incomplete or corrupt; str(e) names the file."""
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -28,10 +40,34 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def is_committed(ckpt: Path) -> bool:
+    return (ckpt / COMMIT).is_file() and (ckpt / "state.json").is_file()
+
+
+def read_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'}: unreadable ({e})") from None
 
 
 def committed(run_dir: str | Path) -> list[Path]:
@@ -41,8 +77,11 @@ def committed(run_dir: str | Path) -> list[Path]:
         return []
     found = []
     for d in root.iterdir():
-        if (d / COMMIT).is_file() and (d / "state.json").is_file():
-            found.append((json.loads((d / "state.json").read_text())["step"], d))
+        if d.is_dir() and is_committed(d):
+            try:
+                found.append((read_state(d)["step"], d))
+            except (CheckpointError, KeyError):
+                continue
     return [d for _, d in sorted(found)]
 
 
@@ -51,37 +90,135 @@ def latest(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "state.json").read_text())
+def _rank_files(ckpt: Path, rank: int) -> list[Path]:
+    """Files rank ``rank`` wrote: its own ZeRO partitions (rank 0 also the shared ones)."""
+    mine = []
+    for tag in TAGS:
+        for f in sorted((ckpt / tag).iterdir()):
+            if f"zero_pp_rank_{rank}_" in f.name or (rank == 0 and "zero_pp_rank_" not in f.name):
+                mine.append(f)
+    return mine
 
 
-def save(run_dir: Path, step: int, gen_engine, guidance_engine, state: dict, *, keep_last: int, rank: int) -> Path:
-    """Save both engines collectively, then commit on rank 0 and rotate old checkpoints."""
+def write_manifest(ckpt: Path, rank: int) -> None:
+    files = {str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in _rank_files(ckpt, rank)}
+    _atomic_write(ckpt / f"manifest.rank{rank}.json", json.dumps(files, indent=1))
+
+
+def verify(ckpt: Path, rank: int | None = None) -> dict:
+    """Check a checkpoint; raises CheckpointError naming the bad file, returns state.json.
+
+    Every rank checks that all manifests exist and all sizes match (cheap); checksums are
+    computed for ``rank``'s own files, or all files when rank is None.
+    """
+    if not is_committed(ckpt):
+        raise CheckpointError(f"{ckpt}: not committed (no {COMMIT} marker; a save was interrupted)")
+    state = read_state(ckpt)
+    world = int(state.get("world_size", 1))
+    for r in range(world):
+        mpath = ckpt / f"manifest.rank{r}.json"
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise CheckpointError(f"{mpath}: missing or unreadable manifest") from None
+        if not any(f"zero_pp_rank_{r}_" in name for name in manifest):
+            raise CheckpointError(f"{mpath}: lists none of rank {r}'s shards")
+        for name, meta in manifest.items():
+            f = ckpt / name
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing")
+            if f.stat().st_size != meta["size"]:
+                raise CheckpointError(f"{f}: size {f.stat().st_size} != {meta['size']} (truncated?)")
+            if (rank is None or rank == r) and _sha256(f) != meta["sha256"]:
+                raise CheckpointError(f"{f}: checksum mismatch (corrupt)")
+    return state
+
+
+def _invalidate(ckpt: Path) -> None:
+    """Make a folder clearly invalid first (marker gone), then delete it."""
+    (ckpt / COMMIT).unlink(missing_ok=True)
+    faults.point("rotate_after_uncommit")
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def clean_partial(run_dir: Path) -> list[Path]:
+    """Remove folders of interrupted saves (rank 0, at start-up, before anyone saves)."""
+    root = checkpoints_dir(run_dir)
+    removed = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and not is_committed(d):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
+def save(run_dir: Path, step: int, gen_engine, guidance_engine, state: dict, *, keep_last: int, rank: int,
+         protect: Path | None = None) -> Path:
+    """Save both engines collectively; commit on rank 0 after every rank's manifest; rotate."""
     import deepspeed.comm as dist
 
     ckpt = checkpoints_dir(run_dir) / f"step_{step:08d}"
     if rank == 0 and ckpt.exists():
-        shutil.rmtree(ckpt)  # an uncommitted leftover of a crashed save of the same step
+        _invalidate(ckpt)  # a leftover (or a checkpoint we fell back from) of the same step
     dist.barrier()
     gen_engine.save_checkpoint(str(ckpt), tag="generator", save_latest=False)
+    faults.point("save_after_generator", step)
     guidance_engine.save_checkpoint(str(ckpt), tag="guidance", save_latest=False, exclude_frozen_parameters=True)
+    faults.point("save_after_guidance", step)
+    dist.barrier()  # every rank's shards are on disk before anyone lists or hashes them
+    write_manifest(ckpt, rank)
     dist.barrier()
     if rank == 0:
         _atomic_write(ckpt / "state.json", json.dumps({**state, "step": step}, indent=1))
+        faults.point("save_before_commit", step)
         _atomic_write(ckpt / COMMIT, "ok\n")
+        faults.point("save_after_commit", step)
         for old in committed(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+            if protect is None or old.resolve() != protect.resolve():
+                _invalidate(old)
     dist.barrier()
     return ckpt
 
 
-def load(ckpt: Path, gen_engine, guidance_engine) -> dict:
-    """Load both engines by explicit tag; returns state.json."""
+def load(ckpt: Path, gen_engine, guidance_engine) -> None:
+    """Load both engines by explicit tag and check that the tag asked for is the one loaded
+    (DeepSpeed falls back to the tag in `latest`, and only warns when it is missing)."""
     for engine, tag in ((gen_engine, "generator"), (guidance_engine, "guidance")):
         path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False)
-        if path is None:
-            raise RuntimeError(f"checkpoint {ckpt}/{tag} could not be loaded")
-    return read_state(ckpt)
+        if path is None or Path(path).parent.name != tag or Path(path).parent.parent.resolve() != ckpt.resolve():
+            raise CheckpointError(f"{ckpt / tag}: DeepSpeed loaded {path!r} instead")
+
+
+def resolve_resume(run_dir: Path, explicit: str | None, rank: int, world: int) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, and warnings about corrupt ones skipped.
+
+    Explicit (train.resume_from): must verify, else a one-line error naming the file.
+    Automatic: the newest committed checkpoint that verifies; older ones are the fallback.
+    Every rank verifies its own shards' checksums; the decision is agreed on all ranks.
+    """
+    import deepspeed.comm as dist
+    import torch
+
+    candidates = [Path(explicit)] if explicit else list(reversed(committed(run_dir)))
+    warnings = []
+    for ckpt in candidates:
+        try:
+            state = verify(ckpt, rank=rank)
+            if int(state.get("world_size", 1)) != world:
+                raise UserError(f"{ckpt}: saved with {state.get('world_size')} ranks, resuming with {world}; "
+                                "use the same number of ranks (or convert it with deepspeed's ds_to_universal)")
+            err = ""
+        except CheckpointError as e:
+            err = str(e)
+        bad = torch.tensor([1.0 if err else 0.0])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # a shard bad on any rank makes it bad for all
+        if bad.item() == 0:
+            return ckpt, warnings
+        if explicit:
+            raise UserError(f"train.resume_from: {err or f'{ckpt}: corrupt on another rank'}")
+        warnings.append(f"warning: skipping checkpoint {err or ckpt}; falling back to an older one")
+    return None, warnings
 
 
 def consolidated_generator(ckpt: Path) -> dict:

@@ -54,7 +54,9 @@ def train(
         return
     import warnings
 
+    from .checkpoint import CheckpointError
     from .errors import UserError
+    from .train import TrainingStopped
     from .train import train as run_training
 
     # DeepSpeed's ZeRO-3 collectives use torch APIs deprecated in torch 2.14; one warning per call
@@ -62,8 +64,11 @@ def train(
 
     try:
         run_training(cfg)
-    except UserError as e:
+    except (UserError, CheckpointError) as e:
         _fail(str(e))
+    except TrainingStopped as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("make-tiny-teacher")

@@ -176,10 +176,18 @@ class TrainConfig(_Section):
     checkpoint_every: Int = Field(500, ge=1)
     keep_last: Int = Field(3, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    zero_stage: Int = Field(3, ge=0, le=3)
+    # 1-3: DeepSpeed's ZeRO optimizers skip a step whose gradient norm is NaN/Inf (the NaN guard
+    # relies on it); stage 0 has no such check.
+    zero_stage: Int = Field(3, ge=1, le=3)
     ds_config: str = Field(DEFAULT_DS_CONFIG, min_length=1)
     gradient_checkpointing: Bool = True
     resolution: Int | None = Field(None, ge=8)  # None: the teacher's native resolution
+    # A checkpoint folder to resume from; None resumes from output_dir's newest good checkpoint.
+    resume_from: str | None = Field(None, min_length=1)
+    # Steps whose loss or gradient is NaN/Inf are skipped; this many in a row stop the run.
+    max_bad_steps: Int = Field(20, ge=1)
+    # Collectives that wait longer than this (a rank died or hung) fail instead of hanging.
+    collective_timeout_s: Float = Field(1800.0, gt=0)
 
 
 class DataConfig(_Section):
@@ -285,7 +293,7 @@ def _load_yaml(text: str, where: str) -> Any:
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # Paths relative to the recipe's folder when written in the file, to the cwd on the command line.
-_PATH_KEYS = {("data", "prompts"), ("data", "real_images"), ("train", "ds_config")}
+_PATH_KEYS = {("data", "prompts"), ("data", "real_images"), ("train", "ds_config"), ("train", "resume_from")}
 # Left as written unless they name an existing relative path (they may be hub ids).
 _MAYBE_PATH_KEYS = {("model", "teacher"), ("model", "teacher_config")}
 

@@ -18,6 +18,7 @@ from .errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_FILES = ("captions.jsonl", "metadata.jsonl")
+RGB_CONVERTIBLE = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1")
 
 
 def _text_of(record: dict) -> str | None:
@@ -78,6 +79,8 @@ def _load_image(path: Path, resolution: int) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode not in RGB_CONVERTIBLE:  # e.g. 16-bit or float images: no faithful 8-bit RGB
+            raise ValueError(f"unsupported image mode {im.mode}")
         im = im.convert("RGB")
         w, h = im.size
         s = resolution / min(w, h)
@@ -92,8 +95,9 @@ def _load_image(path: Path, resolution: int) -> torch.Tensor:
 class RealImages:
     """A folder of images with captions.jsonl ({"file_name", "text"}), or class sub-folders.
 
-    Unreadable files are skipped (the next item is taken) and counted; more than
-    ``max_bad_fraction`` of the items seen being bad stops training with a message.
+    Unreadable files (corrupt, empty, an unsupported mode, not an image) are skipped (the next
+    item is taken) and counted; more than ``max_bad_fraction`` of the items being bad stops
+    training with a message. Files without an image extension in class folders are counted too.
     """
 
     def __init__(self, root: str | Path, resolution: int, *, labelled: bool, num_classes: int | None = None,
@@ -101,7 +105,7 @@ class RealImages:
         self.root, self.resolution, self.field = Path(root), resolution, field
         self.max_bad_fraction = max_bad_fraction
         self.bad: set[int] = set()
-        self.seen = 0
+        self.non_images: list[Path] = []
         if not self.root.is_dir():
             raise UserError(f"{field}: {str(self.root)!r} is not a folder")
         self.items = self._scan_labelled(num_classes) if labelled else self._scan_captioned()
@@ -132,8 +136,27 @@ class RealImages:
             if num_classes is not None and label >= num_classes:
                 raise UserError(f"{self.field}: class folder {str(d)!r} is label {label}, "
                                 f"but the teacher has {num_classes} classes")
-            items += [RealItem(f, label=label) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_EXTS]
+            for f in sorted(d.iterdir()):
+                if f.suffix.lower() in IMAGE_EXTS:
+                    items.append(RealItem(f, label=label))
+                elif f.is_file():
+                    self.non_images.append(f)
         return items
+
+    def probe(self, n: int = 16) -> None:
+        """Open up to n evenly spread images at start-up, so that a folder of unreadable files is
+        refused before anything is written (the rest are checked as they are used)."""
+        m = min(n, len(self.items))
+        picks = sorted({round(i * (len(self.items) - 1) / max(m - 1, 1)) for i in range(m)})
+        bad = []
+        for k in picks:
+            try:
+                _load_image(self.items[k].path, self.resolution)
+            except (OSError, ValueError, SyntaxError):
+                bad.append(self.items[k].path)
+        if len(bad) > self.max_bad_fraction * len(picks):
+            raise UserError(f"{self.field}: {len(bad)} of {len(picks)} images probed are unreadable "
+                            f"(e.g. {str(bad[0])!r}); more than data.max_bad_fraction={self.max_bad_fraction}")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -144,7 +167,6 @@ class RealImages:
         for i in indices:
             for j in range(len(self.items)):
                 k = (i + j) % len(self.items)
-                self.seen += 1
                 try:
                     images.append(_load_image(self.items[k].path, self.resolution))
                     items.append(self.items[k])

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import resource
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import checkpoint, engines
+from . import checkpoint, engines, faults
 from .config import Recipe, recipe_to_yaml
 from .data import RealImages, batch_indices, load_prompts
 from .distill import Batch, critic_loss, generator_input, generator_loss
@@ -20,7 +21,8 @@ from .models.roles import build_roles, set_phase
 from .sampling import Noise, sample
 
 # Recipe fields that may change when a run is resumed; any other change is refused.
-RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.keep_last", "logging.")
+RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.resume_from",
+                     "train.max_bad_steps", "train.collective_timeout_s", "logging.")
 
 
 def seed_for(*parts: int) -> int:
@@ -73,6 +75,7 @@ class Setup:
         if d.real_images is not None:
             self.real = RealImages(d.real_images, self.resolution, labelled=fam == "classcond",
                                    num_classes=self.teacher.num_classes, max_bad_fraction=d.max_bad_fraction)
+            self.real.probe()
         self.cond = Conditioner(self.teacher, self.resolution, self.device)
         self.vae = self.teacher.vae.to(self.device) if self.teacher.vae is not None else None
         lat = self.teacher.latent_size(self.resolution)
@@ -123,9 +126,46 @@ class Setup:
         return self.cond.encode_labels(torch.arange(n) % self.teacher.num_classes)
 
 
+class TrainingStopped(Exception):
+    """Training cannot go on (non-finite values, a lost rank); str(e) is one line. Exit status 1."""
+
+
+class Preemption:
+    """SIGTERM/SIGINT only set a flag; the loop finishes its step, and all ranks agree to save and
+    exit (a signal to one rank stops every rank)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        import deepspeed.comm as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def train(recipe: Recipe) -> Path:
     """Run (or resume) the recipe; returns the run folder."""
-    rank, world = engines.init_distributed()
+    t = recipe.train
+    rank, world = engines.init_distributed(timeout_s=t.collective_timeout_s)
+    try:
+        return _train(recipe, rank, world)
+    except RuntimeError as e:
+        # gloo/nccl raise when a peer died or a collective timed out: say so in one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if any(w in msg.lower() for w in ("connection", "timed out", "timeout", "peer", "broken pipe", "gloo")):
+            raise TrainingStopped(f"rank {rank}: lost contact with the other ranks ({msg[:200]}); "
+                                  "a rank died or hung. Re-run the same command to resume") from None
+        raise
+
+
+def _train(recipe: Recipe, rank: int, world: int) -> Path:
     t = recipe.train
     torch.manual_seed(t.seed)
 
@@ -142,23 +182,39 @@ def train(recipe: Recipe) -> Path:
     guidance_engine = engines.build_engine(guidance, recipe.optim.critic, ds["critic"])
     guide = guidance_engine.module  # the generator phase calls the module, never the engine (Trap 1)
 
-    # Resume from the newest committed checkpoint of this run folder, if any.
+    # Resume from the newest committed checkpoint that verifies (or the one asked for).
+    ckpt, warnings = checkpoint.resolve_resume(run_dir, t.resume_from, rank, world)
     start = 0
-    ckpt = checkpoint.latest(run_dir)
     if ckpt is not None:
-        start = checkpoint.load(ckpt, gen_engine, guidance_engine)["step"]
+        checkpoint.load(ckpt, gen_engine, guidance_engine)
+        start = checkpoint.read_state(ckpt)["step"]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        checkpoint.clean_partial(run_dir)
     log = RunLogger(run_dir, recipe.logging, rank=rank, max_steps=t.max_steps, start_step=start,
                     recipe=recipe.model_dump(mode="json"))
+    for w in warnings:
+        log.message(w)
+    if s.real is not None and s.real.non_images:
+        log.message(f"warning: data.real_images: ignoring {len(s.real.non_images)} non-image files "
+                    f"(e.g. {s.real.non_images[0]})")
     if ckpt is not None:
         log.message(f"resumed from {ckpt} at step {start}")
     schedule = s.teacher.schedule
     K = len(s.timesteps)
-    step_times = []
+    preempt = Preemption()
+    step_times, bad_streak, skipped = [], 0, 0
+
+    def save(done: int) -> None:
+        checkpoint.save(run_dir, done, gen_engine, guidance_engine,
+                        {"teacher": recipe.model.teacher, "world_size": world, "timesteps": s.timesteps,
+                         "skipped_steps": skipped},
+                        keep_last=t.keep_last, rank=rank, protect=ckpt)
 
     for step in range(start, t.max_steps):
+        done = step + 1
+        faults.set_step(done)
         tic = time.perf_counter()
         # All randomness of this step derives from (seed, rank, step); k from (seed, step) only,
         # so every rank runs the same number of generator calls (ZeRO-3 gathers are collective).
@@ -168,15 +224,21 @@ def train(recipe: Recipe) -> Path:
         batch = s.batch(step, g)
         x_t, tk = generator_input(gen_engine.module, schedule, s.timesteps, k, s.shape, batch, g,
                                   recipe.generator.backward_simulation, s.device)
+        faults.point("step_begin")
 
         # Generator phase (two time-scale rule: every update_ratio steps), critic frozen.
+        # A NaN/Inf loss or gradient gives a non-finite global grad norm, on which DeepSpeed's
+        # ZeRO optimizers skip the update on every rank; was_step_applied() reports it.
         metrics: dict[str, float] = {"k": k}
+        applied = True
         if step % t.update_ratio == 0:
             set_phase(guide, "generator")
-            x = gen_engine(x_t, tk, batch.cond)
+            x = faults.poison_grad("grad_generator", gen_engine(x_t, tk, batch.cond))
             loss_g, logs_g = generator_loss(guide, x, batch, recipe.loss, g)
+            loss_g = logs_g["loss_generator"] = faults.poison("loss_generator", loss_g)
             gen_engine.backward(loss_g)
             gen_engine.step()
+            applied &= gen_engine.was_step_applied()
             set_phase(guide, "critic")
             metrics.update({k_: v.item() for k_, v in logs_g.items()})
         else:
@@ -185,17 +247,29 @@ def train(recipe: Recipe) -> Path:
 
         # Critic phase, every step, on this step's (pre-update) generator sample.
         loss_c, logs_c = guidance_engine(critic_loss, x.detach(), batch, recipe.loss, g)
+        loss_c = logs_c["loss_critic"] = faults.poison("loss_critic", loss_c)
         guidance_engine.backward(loss_c)
         guidance_engine.step()
+        applied &= guidance_engine.was_step_applied()
         metrics.update({k_: v.item() for k_, v in logs_c.items()})
+        faults.point("step_end")
 
-        done = step + 1
         dt = time.perf_counter() - tic
         step_times.append(dt)
         metrics["lr_generator"] = gen_engine.get_lr()[0]
         metrics["lr_critic"] = guidance_engine.get_lr()[0]
         metrics["step_time_s"] = dt
+        metrics["skipped"] = int(not applied)
         log.log(done, metrics, images_per_s=t.batch_size * world / dt)
+
+        # Non-finite values: the step was skipped (weights untouched); too many in a row stop.
+        skipped += not applied
+        bad_streak = 0 if applied else bad_streak + 1
+        if bad_streak >= t.max_bad_steps:
+            losses = ", ".join(f"{k_}={v:.4g}" for k_, v in metrics.items() if "loss" in k_)
+            last = checkpoint.latest(run_dir)
+            raise TrainingStopped(f"step {done}: {bad_streak} consecutive steps with non-finite loss or gradient "
+                                  f"({losses}); last good checkpoint: {last or 'none'}")
 
         # Preview grid (every rank samples: ZeRO-3 gathers are collective).
         if recipe.logging.preview_every and done % recipe.logging.preview_every == 0:
@@ -204,17 +278,21 @@ def train(recipe: Recipe) -> Path:
                             Noise.per_sample(range(n), s.device))
             log.preview(done, s.decode(images))
 
-        # Save state checkpoint.
-        if done % t.checkpoint_every == 0 or done == t.max_steps:
-            checkpoint.save(run_dir, done, gen_engine, guidance_engine,
-                            {"teacher": recipe.model.teacher, "world_size": world, "timesteps": s.timesteps},
-                            keep_last=t.keep_last, rank=rank)
+        # Save state checkpoint; on SIGTERM/SIGINT (any rank) save and exit 0.
+        stop = preempt.agreed(s.device)
+        if done % t.checkpoint_every == 0 or done == t.max_steps or stop:
+            save(done)
+        if stop:
+            log.message(f"preempted: saved step {done} in {run_dir}; re-run the same command to resume")
+            log.close()
+            return run_dir
 
     if step_times:
         steady = step_times[1:] or step_times
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         log.message(f"done: {t.max_steps} steps in {run_dir} | median step {np.median(steady):.3f} s | "
-                    f"peak RSS {peak:.0f} MiB (rank {rank})")
+                    f"peak RSS {peak:.0f} MiB (rank {rank}) | skipped steps {skipped}"
+                    + (f" | unreadable images skipped {len(s.real.bad)}" if s.real is not None else ""))
     else:
         log.message(f"{run_dir} already trained to step {start} (raise train.max_steps to continue)")
     log.close()

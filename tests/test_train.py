@@ -3,34 +3,12 @@ deepspeed launcher, multi-step backward simulation, dry-runs of every shipped re
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, metrics, run_cli
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-
-
-def run_cli(*args, ranks=1, timeout=600):
-    # a fresh process group: drop what an in-process engine test left in os.environ
-    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"})
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "dmd2", *args]
-    else:
-        launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
-               "--module", "dmd2", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _generator_weights(ckpt):
@@ -40,7 +18,7 @@ def _generator_weights(ckpt):
 
 
 def check_run(run, steps, teacher):
-    rows = _metrics(run)
+    rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for r in rows:
         losses = {k: v for k, v in r.items() if "loss" in k}
@@ -78,7 +56,7 @@ def test_train_edm_teacher_multistep(tmp_path, tiny_teacher):
                   "generator.num_steps=2", f"output_dir={run}", "train.update_ratio=1", "train.seed=1")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     check_run(run, 3, teacher)
-    assert {r["k"] for r in _metrics(run)} == {0, 1}
+    assert {r["k"] for r in metrics(run)} == {0, 1}
 
 
 def test_train_two_ranks_deepspeed_launcher(tmp_path, tiny_teacher):
@@ -89,7 +67,7 @@ def test_train_two_ranks_deepspeed_launcher(tmp_path, tiny_teacher):
                   f"output_dir={run}", "train.seed=1", ranks=2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     check_run(run, 3, teacher)
-    assert {r["k"] for r in _metrics(run)} == {0, 1}
+    assert {r["k"] for r in metrics(run)} == {0, 1}
     assert json.loads((run / "checkpoints/step_00000003/state.json").read_text())["world_size"] == 2
 
 

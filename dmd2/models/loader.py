@@ -117,8 +117,18 @@ def _detect_family(model_index: dict | None, unet_cfg: dict) -> str:
     return "classcond"
 
 
+def _quiet_loading() -> None:
+    """No per-module "Loading weights" bars: errors after loading must stay one line."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def load_teacher(source: str, family: str = "auto", config_source: str | None = None) -> Teacher:
     """Load a frozen teacher. ``family`` (from the recipe) is checked against what is found."""
+    _quiet_loading()
     where = f"model.teacher: {source!r}"
     if source.endswith((".safetensors", ".ckpt")):
         teacher = _load_single_file(source, family, config_source)

@@ -1,0 +1,71 @@
+"""Fault injection for the reliability tests, driven by the DMD2_FAULT environment variable.
+
+``DMD2_FAULT="kill:save_before_commit@4,nan:loss_critic@2"`` — comma-separated
+``action:point@step[/rank]`` items:
+
+- ``kill``: SIGKILL this process at a named point (kill -9, nothing is flushed or cleaned);
+- ``nan``: make a named value non-finite (a loss, or ``grad_generator``: the gradient that
+  reaches the generator's output);
+- ``term``: send this process SIGTERM at the point (preemption mid-step or mid-save);
+- ``hang``: sleep forever at the point (a rank that hangs rather than dies).
+
+Unset (the normal case) every check is a dictionary lookup on an empty dict.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+_STEP: int | None = None
+_RANK = int(os.environ.get("RANK", "0"))
+
+
+def _parse(spec: str) -> dict[tuple[str, str], list[tuple[int | None, int | None]]]:
+    out: dict[tuple[str, str], list[tuple[int | None, int | None]]] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        action, _, rest = item.partition(":")
+        point, _, when = rest.partition("@")
+        step, _, rank = when.partition("/")
+        out.setdefault((action, point), []).append((int(step) if step else None, int(rank) if rank else None))
+    return out
+
+
+_FAULTS = _parse(os.environ.get("DMD2_FAULT", ""))
+
+
+def set_step(step: int) -> None:
+    """The training loop tells which step (1-based, the one being run) faults refer to."""
+    global _STEP
+    _STEP = step
+
+
+def _armed(action: str, point: str, step: int | None) -> bool:
+    if not _FAULTS:
+        return False
+    step = _STEP if step is None else step
+    rank = int(os.environ.get("RANK", _RANK))
+    return any((s is None or s == step) and (r is None or r == rank) for s, r in _FAULTS.get((action, point), ()))
+
+
+def point(name: str, step: int | None = None) -> None:
+    """A named point where a process may be killed or signalled."""
+    if _armed("kill", name, step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _armed("term", name, step):
+        os.kill(os.getpid(), signal.SIGTERM)
+    while _armed("hang", name, step):
+        time.sleep(3600)
+
+
+def poison_grad(name: str, x):
+    """``x`` whose incoming gradient becomes NaN if a ``nan`` fault is armed for ``name``."""
+    if _armed("nan", name, None) and x.requires_grad:
+        x.register_hook(lambda g: g * float("nan"))
+    return x
+
+
+def poison(name: str, value):
+    """``value`` times NaN if a ``nan`` fault is armed for ``name`` at this step."""
+    return value * float("nan") if _armed("nan", name, None) else value
