@@ -48,6 +48,22 @@ def test_train_each_family(tmp_path, tiny_teacher, family):
     check_run(run, 3, teacher)
 
 
+def test_train_logs_previews_and_wandb_offline(tmp_path, tiny_teacher):
+    """Preview grids every N steps and wandb in offline mode (no network needed)."""
+    teacher = tiny_teacher("sd15")
+    run = tmp_path / "run"
+    res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", "train.max_steps=2",
+                  f"output_dir={run}", "logging.preview_every=2", "logging.preview_images=4",
+                  "logging.wandb.mode=offline", WANDB_MODE="offline")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    from PIL import Image
+
+    grid = Image.open(run / "previews" / "step_00000002.png")
+    assert grid.size == (64, 64)  # 2 x 2 grid of 32 px images
+    assert list((run / "wandb").glob("offline-run-*")), "no offline wandb run written"
+    assert "step 2/2" in res.stdout
+
+
 def test_train_edm_teacher_multistep(tmp_path, tiny_teacher):
     """EDM parameterisation with 2-step backward simulation (k = 1 is drawn within 3 steps)."""
     teacher = tiny_teacher("classcond-edm")
