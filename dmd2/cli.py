@@ -236,6 +236,36 @@ def export(
     typer.echo(str(folder))
 
 
+@app.command()
+def serve(
+    source: Path = typer.Argument(..., help=SOURCE_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Loopback by default; 0.0.0.0 lets "
+                             "anyone who can reach this machine use the page."),
+    port: int = typer.Option(None, "--port", min=1, max=65535, help="Port (default: the first free one from 7860)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 weights for the UNet and VAE; "
+                                  "fp32 draws exactly dmd2 sample's images."),
+    tiny_vae: str = typer.Option(None, "--tiny-vae", help="An AutoencoderTiny folder or hub id (e.g. "
+                                 "madebyollin/taesdxl) the page can decode with instead of the VAE."),
+    max_images: int = typer.Option(8, "--max-images", min=1, help="Most images one request may ask for."),
+) -> None:
+    """Serve a web page that draws images with a distilled generator (loaded once) as you type prompts."""
+    if precision not in ("fp32", "fp16", "bf16"):
+        _fail(f"--precision {precision!r}: expected fp32, fp16 or bf16")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _fail("dmd2 serve needs gradio: pip install 'dmd2[serve]'")
+    from .errors import UserError
+
+    try:
+        _quiet_loaders()
+        from .serve import serve as run_server
+
+        run_server(source, host=host, port=port, precision=precision, tiny_vae=tiny_vae, max_images=max_images)
+    except UserError as e:
+        _fail(str(e))
+
+
 def main() -> None:
     app(prog_name="dmd2")
 
