@@ -91,11 +91,11 @@ def extractor_file(tmp_path_factory) -> Path:
     class Tiny(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.pool = torch.nn.AdaptiveAvgPool2d(2)
-            self.lin = torch.nn.Linear(12, 6)
+            self.proj = torch.nn.Parameter(torch.randn(12, 6) / 12**0.5)
 
         def forward(self, x):
-            return self.lin(self.pool(x / 255).flatten(1))
+            # a matmul, not nn.Linear: in-process ZeRO-3 tests leave F.linear patched with a Python function
+            return torch.nn.functional.adaptive_avg_pool2d(x / 255, 2).flatten(1) @ self.proj
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("extractor") / "tiny_features.pt"
@@ -324,9 +324,9 @@ def test_fid_of_a_folder_against_itself_and_a_perturbed_copy(tmp_path, extractor
     assert np.allclose(feats, folder_features(ref, ext), atol=1e-5)  # tensor path == clean-fid's folder reader
     mu, sigma = reference_stats(ref, ext, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
-    assert abs(frechet_distance(*stats(feats), mu, sigma)) < 1e-8  # measured 2e-14
+    assert abs(frechet_distance(*stats(feats), mu, sigma)) < 1e-8  # measured 1e-12
     far = frechet_distance(*stats(folder_features(noisy, ext)), mu, sigma)
-    assert far > 0.01  # measured 0.033 (the tiny extractor's features are small: 6 projections of 2x2 means)
+    assert far > 0.02  # measured 0.084 (the tiny extractor's features are small: 6 projections of 2x2 means)
     # the same number through clean-fid's own entry point
     direct = cleanfid.compute_fid(str(noisy), str(ref), mode="clean", custom_feat_extractor=ext,
                                   device=torch.device("cpu"), num_workers=0, verbose=False)
