@@ -251,9 +251,9 @@ def serve(
     """Serve a web page that draws images with a distilled generator (loaded once) as you type prompts."""
     if precision not in ("fp32", "fp16", "bf16"):
         _fail(f"--precision {precision!r}: expected fp32, fp16 or bf16")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
         _fail("dmd2 serve needs gradio: pip install 'dmd2[serve]'")
     from .errors import UserError
 

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import secrets
 import shlex
+import socket
 import sys
 import time
 import traceback
@@ -270,10 +271,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _check_free(host: str, port: int) -> None:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int | None = None, precision: str = "fp32",
           tiny_vae: str | None = None, max_images: int = 8) -> None:
     """Load the generator, serve the page on host:port (default: the first free port from 7860) until Ctrl-C."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if port is not None:
+        _check_free(host, port)  # before the minutes a large model may take to load
     demo = load_demo(source, precision=precision, tiny_vae=tiny_vae, max_images=max_images)
     page = build_page(demo)
     # one request at a time: they share one model (and one GPU)
@@ -282,7 +294,7 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int | None = Non
         page.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, share=False,
                     inbrowser=False, ssr_mode=False, mcp_server=False, footer_links=[], css=CSS)
     except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port or '7860..'}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot listen on {host}:{port or '7860..'}: {str(e).split('. ')[0]}") from None
     print(f"dmd2 serve: {demo.gen.source} at {page.local_url} (Ctrl-C to stop)", flush=True)
     if not is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the page", file=sys.stderr)
