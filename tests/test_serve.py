@@ -137,6 +137,11 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch):
 
     assert "no such run folder" in error(tmp_path / "missing")
     assert "--precision 'fp64'" in error(tmp_path, "--precision", "fp64")
+    with socket.socket() as busy:  # checked before the model loads
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert f"cannot listen on 127.0.0.1:{port}" in error(tmp_path, "--port", port)
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed
     assert error(tmp_path) == "error: dmd2 serve needs gradio: pip install 'dmd2[serve]'"
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
@@ -198,8 +203,13 @@ def _png(data: bytes) -> np.ndarray:
                     reason="no headless Chromium: apt-get install chromium chromium-driver (.ci/run does)")
 def test_page_in_headless_chromium_draws_what_sample_draws(sd15_run, tmp_path):
     pytest.importorskip("selenium", reason="the browser test drives Chromium with selenium: pip install -e '.[dev]'")
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    def page(d) -> tuple[str, int]:
+        """(status line, images shown), read afresh: Gradio re-renders both on every answer."""
+        return d.find_element(By.ID, "status").text, len(d.find_elements(By.CSS_SELECTOR, "#images img"))
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -217,10 +227,9 @@ def test_page_in_headless_chromium_draws_what_sample_draws(sd15_run, tmp_path):
         assert sample.returncode == 0, sample.stderr[-3000:]
         _wait_until_serving(server, url, log)
         driver = _browser(tmp_path / "chromium-profile")
-        wait = WebDriverWait(driver, 30)
+        wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(url)
         prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
-        status = driver.find_element(By.ID, "status")
         seed = driver.find_element(By.CSS_SELECTOR, "#seed input")
         count = driver.find_element(By.CSS_SELECTOR, "#num-images input")
         generate = driver.find_element(By.ID, "generate")
@@ -230,8 +239,9 @@ def test_page_in_headless_chromium_draws_what_sample_draws(sd15_run, tmp_path):
         _type(seed, "7")
         _type(count, "3")
         generate.click()
-        wait.until(lambda d: "seeds 7..9" in status.text and len(d.find_elements(By.CSS_SELECTOR, "#images img")) == 3)
-        assert "timesteps 999, 499" in status.text and "generator" in status.text and "decoder (VAE)" in status.text
+        wait.until(lambda d: "seeds 7..9" in page(d)[0] and page(d)[1] == 3)
+        status = page(driver)[0]
+        assert "timesteps 999, 499" in status and "generator" in status and "decoder (VAE)" in status
         srcs = [img.get_attribute("src") for img in driver.find_elements(By.CSS_SELECTOR, "#images img")]
         assert all(s.startswith(url) for s in srcs), srcs
         worst = 0
@@ -251,21 +261,25 @@ def test_page_in_headless_chromium_draws_what_sample_draws(sd15_run, tmp_path):
         # bad input: a visible message, no images, and the server keeps serving
         _type(prompt, "")
         generate.click()
-        wait.until(lambda d: "Type a prompt" in status.text)
-        assert status.text.startswith("Error:") and not driver.find_elements(By.CSS_SELECTOR, "#images img")
+        wait.until(lambda d: page(d) == ("Error: Type a prompt: this is a text-to-image (sd15) model.", 0))
         _type(prompt, "blue stripes")
         _type(count, "50")
         generate.click()
-        wait.until(lambda d: "Number of images must be 1..8 (got 50)" in status.text)
+        wait.until(lambda d: "Error: Number of images must be 1..8 (got 50)" in page(d)[0])
 
         # one step: the page shows the timestep it will use, then draws with it
         driver.find_element(By.CSS_SELECTOR, "#steps input[value='1']").click()
-        timesteps = driver.find_element(By.CSS_SELECTOR, "#timesteps textarea")
-        wait.until(lambda d: timesteps.get_attribute("value") == "999")
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#timesteps textarea").get_attribute("value") == "999")
         _type(count, "2")
         generate.click()
-        wait.until(lambda d: "timesteps 999 ·" in status.text and len(d.find_elements(By.CSS_SELECTOR, "#images img")) == 2)
+        wait.until(lambda d: "seeds 7..8 · timesteps 999 ·" in page(d)[0] and page(d)[1] == 2)
         assert server.poll() is None
+    except Exception:
+        if driver is not None:  # what the page showed, for the failure report
+            driver.save_screenshot(str(tmp_path / "failure.png"))
+            print(f"page at the failure: {tmp_path / 'failure.png'}")
+        print("dmd2 serve's output:\n" + log.read_text()[-3000:])
+        raise
     finally:
         if driver is not None:
             driver.quit()
