@@ -26,6 +26,8 @@ import torch
 
 from .errors import UserError
 from .generate import Generator, choose_timesteps, conditions, decode, draw, load_generator
+from .logs import to_uint8_images
+from .schedule import T
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BATCH_SIZE = 8  # dmd2 sample's default --batch-size, so a page's batches are sample's batches
@@ -39,7 +41,8 @@ class PageError(Exception):
 
 @dataclass
 class Drawn:
-    """One request's images (N x H x W x 3 uint8) and what it took to draw them."""
+    """One request's images (N x H x W x 3 uint8) and what it took to draw them (generator: text
+    encoders + sampler; decoder: the VAE, if any)."""
 
     images: torch.Tensor
     seeds: list[int]
@@ -93,7 +96,7 @@ class Demo:
             ts = [int(t) for t in str(text).replace(",", " ").split()]
             return choose_timesteps(self.gen.timesteps, timesteps=ts)
         except (ValueError, UserError):
-            raise PageError(f"Timesteps {text!r}: expected strictly descending whole numbers in [0, 1000), "
+            raise PageError(f"Timesteps {text!r}: expected strictly descending whole numbers in [0, {T}), "
                             f"e.g. {', '.join(map(str, self.gen.timesteps))}") from None
 
     def condition(self, value) -> str | int:
@@ -126,8 +129,6 @@ class Demo:
         conds = conditions(self.gen, [cond] if self.text else (), [] if self.text else [cond], n)
         seeds = [first + i for i in range(n)]
         timed = _TimedDecode(self.gen, self.tiny_vae if tiny_vae else self.gen.vae)
-        from .logs import to_uint8_images
-
         _sync(self.gen.device)
         start = time.perf_counter()
         images = torch.cat([to_uint8_images(x) for _, x in draw(timed, conds, seeds, ts, range(n), BATCH_SIZE)])
@@ -144,7 +145,9 @@ class Demo:
 
 
 def _whole(value, what: str) -> int:
-    """A whole number from a page field (Gradio sends floats, or None for an empty field)."""
+    """A whole number from a page field (Gradio sends ints or floats, or None for an empty field)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     try:
         f = float(value)
     except (TypeError, ValueError):
@@ -179,7 +182,8 @@ def make_demo(gen: Generator, *, precision: str = "fp32", tiny_vae: str | None =
     tiny = _load_tiny_vae(tiny_vae, gen, dtype) if tiny_vae else None
     demo = Demo(gen, precision=precision, tiny_vae=tiny, max_images=max_images)
     # the first call pays one-off costs (kernel selection, allocations); keep them out of the page's timings
-    demo.generate("warm-up" if demo.text else 0, 0, 1, ", ".join(map(str, gen.timesteps)))
+    for use_tiny in (False, True) if tiny is not None else (False,):
+        demo.generate("warm-up" if demo.text else 0, 0, 1, ", ".join(map(str, gen.timesteps)), tiny_vae=use_tiny)
     return demo
 
 
