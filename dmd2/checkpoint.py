@@ -16,14 +16,13 @@ never parsed from a folder name.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 from . import faults
 from .errors import UserError
+from .files import atomic_write, sha256_file
 
 COMMIT = "COMMITTED"
 TAGS = ("generator", "guidance")
@@ -31,28 +30,6 @@ TAGS = ("generator", "guidance")
 
 class CheckpointError(Exception):
     """A checkpoint that is incomplete or corrupt; str(e) names the file."""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -101,8 +78,8 @@ def _rank_files(ckpt: Path, rank: int) -> list[Path]:
 
 
 def write_manifest(ckpt: Path, rank: int) -> None:
-    files = {str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in _rank_files(ckpt, rank)}
-    _atomic_write(ckpt / f"manifest.rank{rank}.json", json.dumps(files, indent=1))
+    files = {str(f.relative_to(ckpt)): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in _rank_files(ckpt, rank)}
+    atomic_write(ckpt / f"manifest.rank{rank}.json", json.dumps(files, indent=1))
 
 
 def verify(ckpt: Path, rank: int | None = None) -> dict:
@@ -129,7 +106,7 @@ def verify(ckpt: Path, rank: int | None = None) -> dict:
                 raise CheckpointError(f"{f}: missing")
             if f.stat().st_size != meta["size"]:
                 raise CheckpointError(f"{f}: size {f.stat().st_size} != {meta['size']} (truncated?)")
-            if (rank is None or rank == r) and _sha256(f) != meta["sha256"]:
+            if (rank is None or rank == r) and sha256_file(f) != meta["sha256"]:
                 raise CheckpointError(f"{f}: checksum mismatch (corrupt)")
     return state
 
@@ -170,9 +147,9 @@ def save(run_dir: Path, step: int, gen_engine, guidance_engine, state: dict, *, 
     write_manifest(ckpt, rank)
     dist.barrier()
     if rank == 0:
-        _atomic_write(ckpt / "state.json", json.dumps({**state, "step": step}, indent=1))
+        atomic_write(ckpt / "state.json", json.dumps({**state, "step": step}, indent=1))
         faults.point("save_before_commit", step)
-        _atomic_write(ckpt / COMMIT, "ok\n")
+        atomic_write(ckpt / COMMIT, "ok\n")
         faults.point("save_after_commit", step)
         for old in committed(run_dir)[:-keep_last]:
             if protect is None or old.resolve() != protect.resolve():

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .files import sha256_file
 from .generate import (
     barrier,
     choose_timesteps,
@@ -94,14 +95,6 @@ class FeatureExtractor:
         return self.fn(x)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
@@ -135,7 +128,7 @@ def load_feature_extractor(path: str | Path | None = None, device="cpu") -> Feat
             return model.layers.forward((x - 128) / 128).reshape(x.shape[0], -1)
     else:
         fn = model
-    return FeatureExtractor(fn, path.name, _sha256(path))
+    return FeatureExtractor(fn, path.name, sha256_file(path))
 
 
 # ---------------------------------------------------------------------------------------------
