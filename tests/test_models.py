@@ -66,6 +66,14 @@ def test_features_equal_mid_block_of_full_forward(tiny_teacher, family):
     assert logits.shape == (2,)
 
 
+@pytest.mark.parametrize("channels,groups", [(1280, 32), (768, 32), (64, 4)])
+def test_gan_head_groups_hold_at_least_16_channels(channels, groups):
+    """GroupNorm on the head's 1x1 map normalises each group alone: with 2 channels a group (a
+    64-channel mid-block under GroupNorm(32)) only signs survive and D never leaves chance."""
+    norms = [m for m in GANHead(channels, 8).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == groups for m in norms)
+
+
 def test_sdxl_conditioning(tiny_teacher):
     """SDXL: both encoders' penultimate states concatenated, pooled text_embeds, [H,W,0,0,H,W]; zero uncond."""
     t = load_teacher(str(tiny_teacher("sdxl")))
