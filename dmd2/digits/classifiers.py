@@ -26,16 +26,21 @@ FEATURE_DIM = 64
 
 
 class DigitNet(nn.Module):
-    """8 x 8 x 3 in [-1, 1] -> 10 logits; ``features`` is the penultimate layer (pre-activation)."""
+    """8 x 8 x 3 in [-1, 1] -> 10 logits; ``features`` is the penultimate layer (pre-activation).
+
+    The fully connected layers are convolutions over the whole map: in-process ZeRO-3 leaves
+    ``F.linear`` patched with a Python function, which TorchScript then cannot compile.
+    """
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
-            nn.Flatten(), nn.Dropout(0.2), nn.Linear(64 * 4, FEATURE_DIM),
+            nn.Dropout(0.2), nn.Conv2d(64, FEATURE_DIM, 2), nn.Flatten(),  # 2 x 2 x 64 -> FEATURE_DIM
         )
-        self.head = nn.Sequential(nn.SiLU(), nn.Dropout(0.2), nn.Linear(FEATURE_DIM, 10))
+        self.head = nn.Sequential(nn.SiLU(), nn.Dropout(0.2), nn.Unflatten(1, (FEATURE_DIM, 1, 1)),
+                                  nn.Conv2d(FEATURE_DIM, 10, 1), nn.Flatten())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
