@@ -7,15 +7,22 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-all lint
+.PHONY: install test test-all lint demo bench-quality reliability
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-install: $(PY)
+# The one install path; the stamp lets `make demo` install only when needed.
+STAMP := $(VENV)/.dmd2-installed
+$(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install:
+	rm -f $(STAMP)
+	$(MAKE) $(STAMP)
 
 test: $(PY)
 	$(PY) -m pytest -q
@@ -25,3 +32,15 @@ test-all: $(PY)
 
 lint: $(PY)
 	$(VENV)/bin/ruff check dmd2 tests scripts
+
+# The main job on the embedded default: distill the digits teacher on CPU, compare in one table
+# (runs/demo/report.json). bench-quality: the same pipeline, longer (runs/bench-quality/).
+demo: $(STAMP)
+	$(PY) -m dmd2.digits.demo
+
+bench-quality: $(STAMP)
+	$(PY) -m dmd2.digits.demo --bench
+
+# Reliability: the fault-injection tests plus the slow ones (random kill -9 soak, hung rank).
+reliability: $(PY)
+	$(PY) -m pytest -q -m "" tests/test_reliability.py tests/test_bad_input.py

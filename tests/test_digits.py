@@ -1,0 +1,117 @@
+"""The embedded default (issue 4): the digits data, teacher and judges, and a much shorter `make demo`
+end to end that checks the student really beats the teacher at one network call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmd2.digits import classifiers
+from dmd2.digits.data import Split, load_split, read_class_folders, write_digits
+from dmd2.digits.metrics import precision_recall
+from dmd2.digits.teacher import TeacherSettings, build_unet, edm_loss
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER = REPO / "recipes" / "data" / "digits_teacher"
+
+
+def test_split_is_stratified_seeded_and_readable_by_the_trainer(tmp_path):
+    from dmd2.data import RealImages
+
+    split = load_split()
+    assert len(split["train"][0]) == 1437 and len(split["heldout"][0]) == 360
+    assert np.bincount(split["heldout"][1]).min() >= 35  # every class held out
+    again = load_split()
+    assert np.array_equal(split["heldout"][0], again["heldout"][0])
+
+    root = write_digits(tmp_path / "digits")
+    images, labels = read_class_folders(root / "train")
+    assert images.shape == (1437, 8, 8, 3) and np.array_equal(np.sort(labels), np.sort(split["train"][1]))
+    real = RealImages(root / "train", 8, labelled=True, num_classes=10)
+    x, items = real.load([0, 1000])
+    assert x.shape == (2, 3, 8, 8) and -1 <= x.min() and x.max() <= 1 and items[1].label == labels[1000]
+    assert write_digits(tmp_path / "digits", Split()) == root  # kept when the split is unchanged
+
+
+def test_teacher_loss_uses_the_trainer_edm_preconditioning():
+    """edm_loss (continuous sigma) is EDM eq. 8 with the Denoiser's c_skip/c_out/c_in/c_noise on the grid."""
+    from dmd2.models import Denoiser
+    from dmd2.schedule import EDMSchedule
+
+    torch.manual_seed(0)
+    unet = build_unet(TeacherSettings(block_out_channels=(16, 32), norm_num_groups=8, dropout=0.0)).eval()
+    sched = EDMSchedule()
+    x0, eps, labels = torch.rand(3, 3, 8, 8) * 2 - 1, torch.randn(3, 3, 8, 8), torch.tensor([0, 4, 9])
+    for t in (10, 500, 999):
+        tt = torch.full((3,), t)
+        sigma = sched.sigmas[t].float()
+        with torch.no_grad():
+            d = Denoiser(unet, sched)(sched.add_noise(x0, eps, tt), tt, {"class_labels": labels})
+            loss = edm_loss(unet, x0, labels, sigma.repeat(3), eps, 0.5)
+        c_out = sigma * 0.5 / (sigma**2 + 0.25).sqrt()
+        torch.testing.assert_close(loss, ((d - x0) ** 2).mean() / c_out**2, rtol=1e-4, atol=1e-5)
+
+
+def test_checked_in_teacher_is_an_ordinary_small_diffusers_teacher():
+    from dmd2.models import load_teacher
+
+    teacher = load_teacher(str(TEACHER), "classcond")
+    assert teacher.schedule.kind == "edm" and teacher.num_classes == 10 and teacher.resolution == 8
+    assert next(teacher.unet.parameters()).dtype == torch.float32  # fp16 on disk, fp32 loaded
+    assert sum(f.stat().st_size for f in TEACHER.rglob("*") if f.is_file()) < 3 * 2**20
+    made = json.loads((TEACHER / "digits_teacher.json").read_text())
+    assert made["digest"] == TeacherSettings().digest(), "the checked-in teacher was made with other settings"
+
+
+def test_feature_extractor_follows_the_clean_fid_convention(tmp_path):
+    net = classifiers.DigitNet().eval()
+    path = tmp_path / "f.pt"
+    torch.jit.script(classifiers.FeatureExtractor(net)).save(str(path))
+    f = classifiers.load_feature_extractor(path)
+    small = torch.full((2, 3, 8, 8), 200.0)
+    big = torch.full((2, 3, 299, 299), 200.0)  # what clean-fid passes after its resize
+    assert f(small).shape == (2, classifiers.FEATURE_DIM)
+    torch.testing.assert_close(f(big), f(small))
+    with torch.no_grad():
+        torch.testing.assert_close(f(small), net.features(small / 127.5 - 1))
+
+
+def test_precision_recall_k3():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(500, 4)), rng.normal(size=(500, 4))
+    p, r = precision_recall(real, real)
+    assert p == 1.0 and r == 1.0
+    p, r = precision_recall(real, fake)
+    assert p > 0.8 and r > 0.8
+    p, r = precision_recall(real, fake * 0.1)  # collapsed onto the mode: faithful, not diverse
+    assert p > 0.95 and r < 0.2
+    assert precision_recall(real, fake + 10) == (0.0, 0.0)
+
+
+def test_demo_student_beats_the_teacher_at_one_call(tmp_path):
+    """A short `make demo` (profile "test"): the real CLI trains a 1-step student from the
+    checked-in teacher with the GAN on the real digits, dmd2 eval scores both at one call."""
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT"}}
+    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"})
+    out = tmp_path / "demo"
+    res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", "test", "--out", str(out),
+                          "--cache", str(tmp_path / "cache")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())}
+    student, teacher = rows["student_1step@1"], rows["teacher@1"]
+    assert set(student) == {"name", "nfe", "fid", "precision", "recall", "label_accuracy", "images_per_s"}
+    assert student["nfe"] == teacher["nfe"] == 1
+    assert student["fid"] <= 0.5 * teacher["fid"], (student, teacher)
+    # the 1-call teacher draws each class's blurry mean (recall 0); the student draws varied digits
+    assert student["label_accuracy"] >= 0.8 and student["recall"] > teacher["recall"] + 0.2, (student, teacher)
+    floor = next(r for n, r in rows.items() if n.startswith("real_heldout"))
+    assert floor["fid"] < student["fid"] and floor["label_accuracy"] > 0.95
+    assert (out / "grid.png").is_file() and (out / "samples" / "student_1step" / "grid.png").is_file()
