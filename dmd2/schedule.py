@@ -21,6 +21,14 @@ def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _on(cache: dict, table: torch.Tensor, device) -> torch.Tensor:
+    """``table`` on ``device``, copied once: a host-to-device copy on every call would be a sync."""
+    key = str(device)
+    if key not in cache:
+        cache[key] = table.to(device)
+    return cache[key]
+
+
 class DDPMSchedule:
     """Discrete DDPM schedule (SD1.5, SDXL, DDPM class-conditional teachers)."""
 
@@ -30,6 +38,7 @@ class DDPMSchedule:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        self._tables: dict = {}
         self.prediction_type = prediction_type
         self.num_timesteps = len(alphas_cumprod)
 
@@ -39,7 +48,7 @@ class DDPMSchedule:
         return cls(torch.cumprod(1.0 - betas, 0), prediction_type)
 
     def _ab(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return _expand(self.alphas_cumprod.to(t.device)[t.long()], like)
+        return _expand(_on(self._tables, self.alphas_cumprod, t.device)[t.long()], like)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self._ab(t, x0)
@@ -87,12 +96,13 @@ class EDMSchedule:
         ramp = torch.linspace(0, 1, num_timesteps, dtype=torch.float64)
         lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
         self.sigmas = (lo + ramp * (hi - lo)) ** rho  # ascending: index 0 = sigma_min, T-1 = sigma_max
+        self._tables: dict = {}
         self.sigma_data = sigma_data
         self.num_timesteps = num_timesteps
         self.prediction_type = "edm"
 
     def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return _expand(self.sigmas.to(t.device)[t.long()], like)
+        return _expand(_on(self._tables, self.sigmas, t.device)[t.long()], like)
 
     def add_noise(self, x0, eps, t):
         return (x0.double() + self.sigma(t, x0) * eps.double()).to(x0.dtype)
@@ -101,7 +111,7 @@ class EDMSchedule:
         """c_in x and c_noise = ln(sigma)/4 (EDM Table 1)."""
         s = self.sigma(t, x_t)
         c_in = 1 / (s**2 + self.sigma_data**2).sqrt()
-        c_noise = self.sigmas.to(t.device)[t.long()].log() / 4
+        c_noise = _on(self._tables, self.sigmas, t.device)[t.long()].log() / 4
         return (c_in * x_t.double()).to(x_t.dtype), c_noise.to(torch.float32)
 
     def to_x0(self, x_t, out, t):
@@ -119,7 +129,7 @@ class EDMSchedule:
 
     def loss_weight(self, t):
         """lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 (§5, EDM eq. 8 weighting)."""
-        s = self.sigmas.to(t.device)[t.long()]
+        s = _on(self._tables, self.sigmas, t.device)[t.long()]
         return (1 / s**2 + 1 / self.sigma_data**2).to(torch.float32)
 
     def initial_noise_scale(self, t: int) -> float:
