@@ -196,6 +196,9 @@ class DataConfig(_Section):
     # A folder of images + captions.jsonl, or class sub-folders (class-conditional).
     real_images: str | None = Field(None, min_length=1)
     max_bad_fraction: Float = Field(0.1, ge=0, le=1)
+    # Encode prompts, the unconditional prompt and real images once, into a keyed cache folder
+    # ($DMD2_CACHE_DIR or ~/.cache/dmd2/conditioning), instead of every step (dmd2/cache.py).
+    cache: Bool = True
 
 
 class WandbConfig(_Section):

@@ -16,7 +16,7 @@ from .data import RealImages, batch_indices, load_prompts
 from .distill import Batch, critic_loss, generator_input, generator_loss
 from .errors import UserError
 from .logs import RunLogger
-from .models import Conditioner, load_teacher
+from .models import Conditioner, cond_to, load_teacher
 from .models.roles import build_roles, set_phase
 from .sampling import Noise, sample
 
@@ -44,7 +44,12 @@ def check_resume_compatible(run_dir: Path, recipe: Recipe) -> None:
     saved = run_dir / "recipe.yaml"
     if not (saved.is_file() and checkpoint.latest(run_dir)):
         return
-    old, new = _flat(yaml.safe_load(saved.read_text())), _flat(recipe.model_dump(mode="json"))
+    old = yaml.safe_load(saved.read_text())
+    try:  # fields added since the run started compare at their defaults
+        old = Recipe.model_validate(old).model_dump(mode="json")
+    except ValueError:
+        pass
+    old, new = _flat(old), _flat(recipe.model_dump(mode="json"))
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
             raise UserError(f"{saved}: {key} was {old.get(key)!r}, now {new.get(key)!r}; resuming needs the same "
@@ -81,6 +86,30 @@ class Setup:
         lat = self.teacher.latent_size(self.resolution)
         self.shape = (t.batch_size, self.teacher.channels, lat, lat)
         self.timesteps = recipe.generator.resolved_timesteps()
+        self.cache = self._open_cache() if d.cache and (self.prompts is not None or self.real is not None) else None
+
+    def _open_cache(self):
+        """Conditioning encoded once (collective: ranks share the build); the text encoders then
+        leave the accelerator, as nothing encodes text any more."""
+        from . import cache
+
+        m, d = self.recipe.model, self.recipe.data
+        inputs = {"teacher": cache.teacher_fingerprint(m.teacher, m.teacher_config), "family": self.teacher.family,
+                  "resolution": self.resolution,
+                  "prompts": cache.sha256_file(d.prompts) if self.prompts is not None else None,
+                  "real_images": cache.real_images_fingerprint(self.real) if self.real is not None else None}
+        text = self.cond.text
+        builder = cache.Builder(self.prompts, self.real, self.cond.encode_prompts if text else None, self.encode_images,
+                                (lambda: self.cond.uncond(1)) if text else None, self.shape[1:])
+        c = cache.open_or_build(cache.default_root(), inputs, builder, rank=self.rank, world=self.world,
+                                max_bad_fraction=d.max_bad_fraction)
+        if text:
+            self._uncond1 = cond_to(c.uncond(), self.device)
+            for enc in self.cond.encoders:
+                enc.to("cpu")
+        if self.real is not None:
+            self.real.bad = set(c.bad)
+        return c
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -105,24 +134,37 @@ class Setup:
         B = t.batch_size
         if self.prompts is not None:
             idx = batch_indices(len(self.prompts), step, self.rank, self.world, B, t.seed)
-            cond = self.cond.encode_prompts([self.prompts[i] for i in idx])
+            cond = self._prompt_cond(idx)
         else:
             labels = torch.randint(0, self.teacher.num_classes, (B,), generator=g, device=g.device)
             cond = self.cond.encode_labels(labels)
-        uncond = self.cond.uncond(B) if self.cond.text and r.loss.cfg_scale != 1.0 else None
+        uncond = None
+        if self.cond.text and r.loss.cfg_scale != 1.0:
+            uncond = (self.cond.uncond(B) if self.cache is None
+                      else {k: v.expand(B, *v.shape[1:]) for k, v in self._uncond1.items()})
         real = real_cond = None
         if self.real is not None:
-            images, items = self.real.load(batch_indices(len(self.real), step, self.rank, self.world, B, t.seed + 1))
-            real = self.encode_images(images)
-            if self.cond.text:
-                real_cond = self.cond.encode_prompts([it.caption for it in items])
+            ridx = batch_indices(len(self.real), step, self.rank, self.world, B, t.seed + 1)
+            if self.cache is not None:
+                real, real_cond, used = self.cache.real(ridx)
+                real, real_cond = real.to(self.device), cond_to(real_cond, self.device)
+                items = [self.real.items[i] for i in used]
             else:
+                images, items = self.real.load(ridx)
+                real = self.encode_images(images)
+                real_cond = self.cond.encode_prompts([it.caption for it in items]) if self.cond.text else None
+            if not self.cond.text:
                 real_cond = self.cond.encode_labels(torch.tensor([it.label for it in items]))
         return Batch(cond, uncond, real, real_cond)
 
+    def _prompt_cond(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        if self.cache is not None:
+            return cond_to(self.cache.prompts(idx), self.device)
+        return self.cond.encode_prompts([self.prompts[i] for i in idx])
+
     def preview_cond(self, n: int) -> dict[str, torch.Tensor]:
         if self.prompts is not None:
-            return self.cond.encode_prompts([self.prompts[i % len(self.prompts)] for i in range(n)])
+            return self._prompt_cond([i % len(self.prompts) for i in range(n)])
         return self.cond.encode_labels(torch.arange(n) % self.teacher.num_classes)
 
 

@@ -32,6 +32,13 @@ if "torch" in sys.modules:
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _conditioning_cache(tmp_path_factory):
+    """Training runs build their conditioning caches in a session folder, not in ~/.cache."""
+    if "DMD2_CACHE_DIR" not in os.environ:
+        os.environ["DMD2_CACHE_DIR"] = str(tmp_path_factory.mktemp("cond-cache"))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

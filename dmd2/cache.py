@@ -1,0 +1,254 @@
+"""Conditioning computed once: prompt and unconditional text embeddings, real-image latents and their
+caption embeddings, encoded with the teacher's frozen encoders and stored as safetensors.
+
+The authors re-encode every step; the encoders are frozen, so the same tensors come out every
+time. Training reads rows of the cache by the same indices it would have encoded (``data.cache``).
+
+The cache folder is keyed by everything its contents depend on: the teacher's text encoders,
+tokenizers and VAE (file sizes and times), the family, the resolution, the prompts file (sha256)
+and the real images (captions file sha256, each image's size and time), and the format below.
+Change any of them and a new folder is built; a resumed run finds the same folder. Items are
+stored in chunks of ``CHUNK`` rows, each encoded in fixed sub-batches, so a chunk's contents do
+not depend on how many ranks built it. Ranks build chunks round-robin; a chunk file appears
+atomically, so an interrupted build resumes where it stopped; ``meta.json`` marks it complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+FORMAT = 1  # bump when what is stored or how it is encoded changes
+CHUNK = 1024  # rows per file
+ENCODE_BATCH = 32  # rows per encoder call when building
+META = "meta.json"
+_TEACHER_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "model_index.json")
+
+
+def default_root() -> Path:
+    """``$DMD2_CACHE_DIR``, else ``~/.cache/dmd2/conditioning`` (shared by runs: folders are keyed)."""
+    if os.environ.get("DMD2_CACHE_DIR"):
+        return Path(os.environ["DMD2_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmd2" / "conditioning"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stat(path: Path) -> list:
+    try:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [-1, -1]
+
+
+def teacher_fingerprint(source: str, config_source: str | None = None) -> dict:
+    """What identifies the teacher's encoders without hashing gigabytes: a local folder's encoder,
+    tokenizer and VAE files by size and modification time; a single file likewise; a hub id by
+    the snapshot revision in the local hub cache."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = sorted(f for part in _TEACHER_PARTS for f in ([p / part] if (p / part).is_file() else
+                                                               (p / part).rglob("*")) if f.is_file())
+        return {"path": str(p.resolve()), "files": [[str(f.relative_to(p)), *_stat(f)] for f in files]}
+    if p.is_file():
+        return {"path": str(p.resolve()), "file": _stat(p), "config": config_source}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, "model_index.json")
+        revision = Path(found).parent.name if isinstance(found, str) else None
+    except ImportError:
+        revision = None
+    return {"hub": source, "revision": revision}
+
+
+def real_images_fingerprint(real) -> dict:
+    """The items of a RealImages folder (paths, captions, labels) and each file's size and time."""
+    h = hashlib.sha256()
+    for it in real.items:
+        h.update(json.dumps([str(it.path.relative_to(real.root)), it.caption, it.label, *_stat(it.path)]).encode())
+    return {"root": str(real.root.resolve()), "items": len(real.items), "sha256": h.hexdigest()}
+
+
+def cache_key(inputs: dict) -> str:
+    blob = json.dumps({"format": FORMAT, "chunk": CHUNK, "encode_batch": ENCODE_BATCH, **inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k].cpu() for p in parts]) for k in parts[0]}
+
+
+class Builder:
+    """Encodes one chunk at a time with the teacher's encoders (callables from train.Setup)."""
+
+    def __init__(self, prompts: Sequence[str] | None, real, encode_prompts: Callable | None,
+                 encode_images: Callable, uncond: Callable | None, sample_shape: Sequence[int]):
+        self.prompts, self.real = prompts, real
+        self.encode_prompts, self.encode_images, self.uncond = encode_prompts, encode_images, uncond
+        self.sample_shape = tuple(sample_shape)
+
+    def tasks(self) -> list[str]:
+        names = ["uncond"] if self.uncond is not None else []
+        if self.prompts is not None:
+            names += [f"prompts_{c:05d}" for c in range(-(-len(self.prompts) // CHUNK))]
+        if self.real is not None:
+            names += [f"images_{c:05d}" for c in range(-(-len(self.real) // CHUNK))]
+        return names
+
+    def build(self, name: str) -> dict[str, torch.Tensor]:
+        if name == "uncond":
+            return {k: v[:1] for k, v in self.uncond().items()}
+        kind, c = name.split("_")
+        lo = int(c) * CHUNK
+        if kind == "prompts":
+            items = list(self.prompts[lo:lo + CHUNK])
+            return _cat([self.encode_prompts(items[i:i + ENCODE_BATCH]) for i in range(0, len(items), ENCODE_BATCH)])
+        return self._images(lo, min(lo + CHUNK, len(self.real)))
+
+    def _images(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        from .data import _load_image
+
+        loaded = {}
+        for k in range(lo, hi):
+            try:
+                loaded[k - lo] = _load_image(self.real.items[k].path, self.real.resolution)
+            except (OSError, ValueError, SyntaxError):  # as RealImages.load: skipped, counted
+                pass
+        good = sorted(loaded)
+        latents = torch.zeros(hi - lo, *self.sample_shape)
+        for i in range(0, len(good), ENCODE_BATCH):
+            rows = good[i:i + ENCODE_BATCH]
+            latents[rows] = self.encode_images(torch.stack([loaded[r] for r in rows])).float().cpu()
+        out = {"latents": latents, "ok": torch.tensor([r in loaded for r in range(hi - lo)], dtype=torch.uint8)}
+        if self.encode_prompts is not None:
+            captions = [self.real.items[k].caption or "" for k in range(lo, hi)]
+            cond = _cat([self.encode_prompts(captions[i:i + ENCODE_BATCH]) for i in range(0, len(captions), ENCODE_BATCH)])
+            out.update({f"cond.{k}": v for k, v in cond.items()})
+        return out
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def open_or_build(root: str | Path, inputs: dict, builder: Builder, *, rank: int = 0, world: int = 1,
+                  max_bad_fraction: float = 1.0) -> ConditioningCache:
+    """The cache folder for ``inputs``, built first if needed (collective: every rank calls it).
+
+    Each rank builds every world-th missing chunk; after a barrier, any chunk still missing (a
+    cache folder that is not shared between nodes) is built locally, so all ranks end up with
+    the same files and take the same path through the barriers.
+    """
+    folder = Path(root) / cache_key(inputs)
+    if not (folder / META).is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tasks = builder.tasks()
+        for i, name in enumerate(tasks):
+            path = folder / f"{name}.safetensors"
+            if i % world == rank and not path.is_file():
+                _save(builder.build(name), path)
+    _barrier()
+    if not (folder / META).is_file():
+        for name in builder.tasks():
+            if not (folder / f"{name}.safetensors").is_file():
+                _save(builder.build(name), folder / f"{name}.safetensors")
+        meta = {**inputs, "format": FORMAT, "chunk": CHUNK, "tasks": builder.tasks(),
+                "prompts": len(builder.prompts) if builder.prompts is not None else 0,
+                "images": len(builder.real) if builder.real is not None else 0}
+        tmp = folder / f"{META}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, folder / META)
+    _barrier()
+    cache = ConditioningCache(folder)
+    if cache.images and len(cache.bad) > max_bad_fraction * cache.images:
+        bad = cache.bad[0]
+        path = builder.real.items[bad].path if builder.real is not None else bad
+        raise UserError(f"data.real_images: {len(cache.bad)} of {cache.images} images are unreadable "
+                        f"(e.g. {str(path)!r}); more than data.max_bad_fraction={max_bad_fraction}")
+    return cache
+
+
+class ConditioningCache:
+    """Reads rows of a complete cache folder (memory-mapped safetensors; nothing is loaded whole)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / META).read_text())
+        self.num_prompts, self.images = meta["prompts"], meta["images"]
+        self._files: dict[str, object] = {}
+        ok = [self._file(n).get_tensor("ok") for n in meta["tasks"] if n.startswith("images_")]
+        self.ok = torch.cat(ok).bool() if ok else torch.zeros(0, dtype=torch.bool)
+        self.bad = [int(i) for i in torch.nonzero(~self.ok).flatten()]
+        self._next_good = self._first_good_from() if self.images else []
+
+    def _file(self, name: str):
+        if name not in self._files:
+            from safetensors import safe_open
+
+            self._files[name] = safe_open(str(self.folder / f"{name}.safetensors"), "pt")
+        return self._files[name]
+
+    def _first_good_from(self) -> list[int]:
+        """For each index, the first readable item at or after it (cyclically), as RealImages.load."""
+        n, ok = self.images, self.ok.tolist()
+        if not any(ok):
+            raise UserError(f"data.real_images: none of the {n} images is readable")
+        out, nxt = [0] * n, None
+        for i in reversed(range(2 * n)):
+            if ok[i % n]:
+                nxt = i % n
+            if i < n:
+                out[i] = nxt
+        return out
+
+    def _rows(self, kind: str, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Every tensor but ``ok`` of rows ``indices`` of the ``kind`` chunks."""
+        picked: dict[str, list[torch.Tensor]] = {}
+        for i in indices:
+            f = self._file(f"{kind}_{i // CHUNK:05d}")
+            r = i % CHUNK
+            for key in f.keys():
+                if key != "ok":
+                    picked.setdefault(key, []).append(f.get_slice(key)[r:r + 1])
+        return {k: torch.cat(v) for k, v in picked.items()}
+
+    def prompts(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Text conditioning of prompts ``indices`` (as Conditioner.encode_prompts returns it)."""
+        return self._rows("prompts", indices)
+
+    def uncond(self) -> dict[str, torch.Tensor]:
+        """The unconditional embedding, one row."""
+        f = self._file("uncond")
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+    def real(self, indices: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int]]:
+        """(latents, caption conditioning (empty for class folders), the items used): an
+        unreadable item is replaced by the next readable one, as RealImages.load does."""
+        used = [self._next_good[i] for i in indices]
+        rows = self._rows("images", used)
+        latents = rows.pop("latents")
+        return latents, {k.removeprefix("cond."): v for k, v in rows.items()}, used

@@ -1,0 +1,126 @@
+"""The conditioning cache (dmd2/cache.py): training reads the same conditioning it would have encoded,
+a second run reads the cache instead of rebuilding it, and a changed data file builds a new one."""
+
+import shutil
+
+import pytest
+import torch
+from helpers import REPO, loss_curve, run_cli
+
+from dmd2.config import load_recipe
+from dmd2.train import Setup
+
+STEPS = 6
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "cond-cache"
+    monkeypatch.setenv("DMD2_CACHE_DIR", str(path))
+    return path
+
+
+def _setup(teacher, family="sd15", *overrides):
+    recipe = load_recipe(REPO / f"recipes/tiny_{family}.yaml", [f"model.teacher={teacher}", "output_dir=unused", *overrides])
+    return Setup(recipe, 0, 1)
+
+
+def _batches(setup, steps=STEPS):
+    return [setup.batch(s, torch.Generator().manual_seed(s)) for s in range(steps)]
+
+
+def _assert_same(a, b, exact=True):
+    for field in ("cond", "uncond", "real_cond"):
+        da, db = getattr(a, field), getattr(b, field)
+        assert (da is None) == (db is None)
+        for k in da or {}:
+            if exact:
+                assert torch.equal(da[k], db[k]), (field, k)
+            else:  # encoders run on other batch compositions: equal up to float rounding
+                torch.testing.assert_close(da[k], db[k], rtol=1e-5, atol=1e-6)
+    if exact:
+        assert torch.equal(a.real, b.real)
+    else:
+        torch.testing.assert_close(a.real, b.real, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "classcond"])
+def test_cached_batches_equal_encoded_batches(tiny_teacher, cache_dir, family):
+    teacher = tiny_teacher(family)
+    cached = _setup(teacher, family)
+    encoded = _setup(teacher, family, "data.cache=false")
+    assert cached.cache is not None and encoded.cache is None
+    for a, b in zip(_batches(cached), _batches(encoded), strict=True):
+        _assert_same(a, b, exact=False)
+    # previews draw the same prompts
+    if family != "classcond":
+        torch.testing.assert_close(cached.preview_cond(3)["encoder_hidden_states"],
+                                   encoded.preview_cond(3)["encoder_hidden_states"], rtol=1e-5, atol=1e-6)
+
+
+def test_second_run_reads_the_cache(tiny_teacher, cache_dir):
+    teacher = tiny_teacher("sd15")
+    first = _setup(teacher)
+    files = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.safetensors")}
+    assert files and len(list(cache_dir.iterdir())) == 1
+    second = _setup(teacher)
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.safetensors")} == files  # nothing rebuilt
+    for a, b in zip(_batches(first), _batches(second), strict=True):
+        _assert_same(a, b)  # bitwise: both read the same files
+
+
+def test_cache_is_rebuilt_when_the_data_changes(tiny_teacher, cache_dir, tmp_path):
+    teacher = tiny_teacher("sd15")
+    prompts = tmp_path / "prompts.txt"
+    shutil.copy(REPO / "recipes/data/tiny_prompts.txt", prompts)
+    images = tmp_path / "images"
+    shutil.copytree(REPO / "recipes/data/tiny_images", images)
+    data = [f"data.prompts={prompts}", f"data.real_images={images}"]
+    a = _setup(teacher, "sd15", *data)
+    prompts.write_text(prompts.read_text() + "a purple triangle\n")
+    b = _setup(teacher, "sd15", *data)
+    assert a.cache.folder != b.cache.folder and b.cache.num_prompts == a.cache.num_prompts + 1
+    enc = b.cond.encode_prompts(["a purple triangle"])["encoder_hidden_states"]
+    torch.testing.assert_close(b.cache.prompts([b.cache.num_prompts - 1])["encoder_hidden_states"], enc,
+                               rtol=1e-5, atol=1e-6)
+    first = sorted(images.glob("*.png"))[0]  # an image rewritten (new size/time) is a new cache too
+    shutil.copy(sorted(images.glob("*.png"))[1], first)
+    c = _setup(teacher, "sd15", *data)
+    assert c.cache.folder not in (a.cache.folder, b.cache.folder)
+    assert len(list(cache_dir.iterdir())) == 3
+    # and the training resolution is part of the key
+    d = _setup(teacher, "sd15", *data, "train.resolution=64")
+    assert d.cache.folder not in (a.cache.folder, b.cache.folder, c.cache.folder)
+
+
+def test_unreadable_images_are_skipped_as_without_cache(tiny_teacher, cache_dir, tmp_path):
+    teacher = tiny_teacher("sd15")
+    images = tmp_path / "images"
+    shutil.copytree(REPO / "recipes/data/tiny_images", images)
+    (images / "img_003.png").write_bytes(b"not a png")
+    data = [f"data.real_images={images}", "data.max_bad_fraction=0.5"]
+    cached, encoded = _setup(teacher, "sd15", *data), _setup(teacher, "sd15", *data, "data.cache=false")
+    assert cached.cache.bad == [3]
+    for step in range(8):  # covers every item, the bad one included
+        a = cached.batch(step, torch.Generator().manual_seed(step))
+        b = encoded.batch(step, torch.Generator().manual_seed(step))
+        torch.testing.assert_close(a.real, b.real, rtol=1e-5, atol=1e-6)
+
+
+def test_training_losses_with_and_without_cache(tiny_teacher, tmp_path):
+    """Through the CLI: the cached run's losses equal the per-step-encoding run's (to float
+    rounding of batch composition in the encoders), and a run that finds the cache built repeats
+    the first cached run exactly."""
+    teacher = tiny_teacher("sd15")
+    env = {"DMD2_CACHE_DIR": str(tmp_path / "cache")}
+    curves = {}
+    for name, extra in (("cached", []), ("encoded", ["data.cache=false"]), ("hit", [])):
+        run = tmp_path / name
+        res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", f"output_dir={run}",
+                      "train.max_steps=3", "train.update_ratio=1", *extra, **env)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        curves[name] = loss_curve(run)
+    assert curves["hit"] == curves["cached"]
+    for step, losses in curves["cached"].items():
+        for k, v in losses.items():
+            assert v == pytest.approx(curves["encoded"][step][k], rel=1e-4, abs=1e-7), (step, k)
