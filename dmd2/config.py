@@ -55,7 +55,10 @@ class _Section(BaseModel):
 
 
 class LoraConfig(_Section):
-    enabled: Bool = False
+    enabled: Bool = False  # the generator trains as a LoRA
+    # The fake score trains as a LoRA (same rank/alpha/targets) on the teacher's frozen UNet, which
+    # it then shares: adapters off = teacher. Saves a UNet's weights, gradients and Adam state.
+    fake_score: Bool = False
     rank: Int = Field(64, ge=1)
     alpha: Float = Field(8.0, gt=0)
     dropout: Float = Field(0.0, ge=0, lt=1)

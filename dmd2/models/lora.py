@@ -1,14 +1,35 @@
-"""LoRA on the generator through peft (rank, alpha, target modules from the recipe)."""
+"""LoRA through peft (rank, alpha, target modules from the recipe): on the generator, and optionally
+on the fake score, which then shares the teacher's frozen UNet (adapters off = the teacher)."""
 
 from __future__ import annotations
+
+import contextlib
 
 from torch import nn
 
 
-def add_lora(unet: nn.Module, cfg) -> None:
+def add_lora(unet: nn.Module, cfg, adapter_name: str = "default") -> None:
     """Freeze the base and attach a peft adapter; only the adapter trains (and gets optimizer state)."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                init_lora_weights="gaussian", target_modules=list(cfg.target_modules)))
+                                init_lora_weights="gaussian", target_modules=list(cfg.target_modules)),
+                     adapter_name=adapter_name)
+
+
+@contextlib.contextmanager
+def adapters_off(unet: nn.Module):
+    """The frozen base alone for the duration (the teacher, when the fake score is its LoRA).
+
+    peft's enable_adapters() also makes the adapters trainable; the phase's requires_grad flags
+    are restored, so a frozen critic stays frozen (Trap 2).
+    """
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+        for p, flag in flags:
+            p.requires_grad_(flag)

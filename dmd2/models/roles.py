@@ -14,6 +14,22 @@ from .gan_head import GANHead
 from .loader import Teacher
 
 
+class TeacherView(Denoiser):
+    """The teacher when the fake score is a LoRA of its UNet: the same module, adapters off."""
+
+    def raw(self, x_t, t, cond):
+        from .lora import adapters_off
+
+        with adapters_off(self.unet):
+            return super().raw(x_t, t, cond)
+
+    def features(self, x_t, t, cond):
+        from .lora import adapters_off
+
+        with adapters_off(self.unet):
+            return super().features(x_t, t, cond)
+
+
 class Guidance(nn.Module):
     """Frozen teacher (real score) + trainable fake score + GAN head: one DeepSpeed engine.
 
@@ -27,6 +43,9 @@ class Guidance(nn.Module):
         self.teacher = teacher
         self.fake = fake
         self.head = head
+        # the fake score's own trainable weights: all of them, or its adapter when it is a LoRA of
+        # the teacher's UNet (a plain list, so nn.Module does not register them twice)
+        self.fake_params = [p for p in fake.parameters() if p.requires_grad]
 
     def forward(self, fn, *args, **kwargs):
         return fn(self, *args, **kwargs)
@@ -55,31 +74,42 @@ def set_phase(guidance: Guidance, phase: str) -> None:
     """Generator phase: the critic is frozen so its gradients neither accumulate nor reach the
     bucket twice (Trap 2); critic phase: fake score and GAN head train. The teacher never does."""
     critic = phase == "critic"
-    guidance.fake.requires_grad_(critic)
+    guidance.teacher.requires_grad_(False)
+    for p in guidance.fake_params:
+        p.requires_grad_(critic)
     if guidance.head is not None:
         guidance.head.requires_grad_(critic)
-    guidance.teacher.requires_grad_(False)
 
 
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
                 gradient_checkpointing: bool) -> tuple[Denoiser, Guidance]:
     """Generator and fake score start as copies of the teacher; the GAN head is random but the
-    same on every rank (seeded), as ZeRO-3 partitions each rank's own copy."""
+    same on every rank (seeded), as ZeRO-3 partitions each rank's own copy.
+
+    With ``lora.fake_score`` the fake score is a LoRA adapter on the teacher's own UNet, and the
+    teacher is that UNet with its adapters off: one frozen base instead of two UNets, and no
+    weight gradients or optimizer state for it.
+    """
+    shared = lora is not None and lora.fake_score
     gen_unet = copy.deepcopy(teacher.unet)
-    fake_unet = copy.deepcopy(teacher.unet)
+    fake_unet = teacher.unet if shared else copy.deepcopy(teacher.unet)
     for unet in (gen_unet, fake_unet):
         unet.requires_grad_(True).train()
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()  # non-reentrant: works when a module runs twice per backward
-    if lora is not None and lora.enabled:
+    if lora is not None and (lora.enabled or shared):
         from .lora import add_lora
 
-        add_lora(gen_unet, lora)
+        if lora.enabled:
+            add_lora(gen_unet, lora)
+        if shared:
+            add_lora(fake_unet, lora, adapter_name="fake")
     head = None
     if gan:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = GANHead(teacher.mid_channels, teacher.mid_spatial(resolution))
-    guidance = Guidance(Denoiser(teacher.unet, teacher.schedule), Denoiser(fake_unet, teacher.schedule), head)
+    real = (TeacherView if shared else Denoiser)(teacher.unet, teacher.schedule)
+    guidance = Guidance(real, Denoiser(fake_unet, teacher.schedule), head)
     set_phase(guidance, "critic")
     return Denoiser(gen_unet, teacher.schedule), guidance
