@@ -7,7 +7,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-all lint demo bench-quality reliability
+.PHONY: install test test-all lint demo bench-quality reliability bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,7 +31,7 @@ test-all: $(PY)
 	$(PY) -m pytest -q -m ""
 
 lint: $(PY)
-	$(VENV)/bin/ruff check dmd2 tests scripts
+	$(VENV)/bin/ruff check dmd2 tests scripts benchmarks
 
 # The main job on the embedded default: distill the digits teacher on CPU, compare in one table
 # (runs/demo/report.json). bench-quality: the same pipeline, longer (runs/bench-quality/).
@@ -44,3 +44,8 @@ bench-quality: $(STAMP)
 # Reliability: the fault-injection tests plus the slow ones (random kill -9 soak, hung rank).
 reliability: $(PY)
 	$(PY) -m pytest -q -m "" tests/test_reliability.py tests/test_bad_input.py
+
+# Speed and memory, side by side on CPU: every ratio with its goal, runs/bench/results.json.
+# (On a GPU: python benchmarks/gpu.py, see README "Performance".)
+bench: $(STAMP)
+	$(PY) -W ignore::FutureWarning -m benchmarks.cpu

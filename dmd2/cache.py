@@ -80,7 +80,7 @@ def real_images_fingerprint(real) -> dict:
     """The items of a RealImages folder (paths, captions, labels) and each file's size and time."""
     h = hashlib.sha256()
     for it in real.items:
-        h.update(json.dumps([str(it.path.relative_to(real.root)), it.caption, it.label, *_stat(it.path)]).encode())
+        h.update(json.dumps([str(it.path), it.caption, it.label, *_stat(it.path)]).encode())
     return {"root": str(real.root.resolve()), "items": len(real.items), "sha256": h.hexdigest()}
 
 
@@ -165,7 +165,11 @@ def open_or_build(root: str | Path, inputs: dict, builder: Builder, *, rank: int
     """
     folder = Path(root) / cache_key(inputs)
     if not (folder / META).is_file():
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"data.cache: cannot create {str(folder)!r} ({e.strerror}); set DMD2_CACHE_DIR to a "
+                            "writable folder, or data.cache=false") from None
         tasks = builder.tasks()
         for i, name in enumerate(tasks):
             path = folder / f"{name}.safetensors"

@@ -168,6 +168,11 @@ class Setup:
         return self.cond.encode_labels(torch.arange(n) % self.teacher.num_classes)
 
 
+def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors to floats with one device-to-host copy (one sync), not one per loss."""
+    return dict(zip(logs, torch.stack([v.float() for v in logs.values()]).tolist(), strict=True))
+
+
 class TrainingStopped(Exception):
     """Training cannot go on (non-finite values, a lost rank); str(e) is one line. Exit status 1."""
 
@@ -184,7 +189,9 @@ class Preemption:
     def _handler(self, signum, frame):
         self.requested = True
 
-    def agreed(self, device) -> bool:
+    def agreed(self, device, world: int) -> bool:
+        if world == 1:  # nobody to agree with: no collective and no host sync every step
+            return self.requested
         import deepspeed.comm as dist
 
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
@@ -282,7 +289,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
             gen_engine.step()
             applied &= gen_engine.was_step_applied()
             set_phase(guide, "critic")
-            metrics.update({k_: v.item() for k_, v in logs_g.items()})
+            metrics.update(_floats(logs_g))
         else:
             with torch.no_grad():
                 x = gen_engine.module(x_t, tk, batch.cond)
@@ -293,7 +300,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         guidance_engine.backward(loss_c)
         guidance_engine.step()
         applied &= guidance_engine.was_step_applied()
-        metrics.update({k_: v.item() for k_, v in logs_c.items()})
+        metrics.update(_floats(logs_c))
         faults.point("step_end")
 
         dt = time.perf_counter() - tic
@@ -321,7 +328,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
             log.preview(done, s.decode(images))
 
         # Save state checkpoint; on SIGTERM/SIGINT (any rank) save and exit 0.
-        stop = preempt.agreed(s.device)
+        stop = preempt.agreed(s.device, world)
         if done % t.checkpoint_every == 0 or done == t.max_steps or stop:
             save(done)
         if stop:

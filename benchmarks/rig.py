@@ -1,0 +1,332 @@
+"""One DMD2 iteration (generator phase, then critic phase) composed from dmd2's own pieces exactly as
+dmd2/train.py runs it, either through the two DeepSpeed engines or on plain PyTorch modules with
+torch AdamW; plus SD1.5/SDXL-architecture UNets built from config with random weights.
+
+Shared by ``benchmarks/cpu.py`` (make bench) and ``benchmarks/gpu.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# diffusers UNet2DConditionModel configs (runwayml SD1.5 and SDXL base 1.0 unet/config.json, keys
+# that differ from the defaults), and small ones of the same shape for CPU.
+UNETS = {
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 layers_per_block=2, sample_size=64,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "sdxl": dict(block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+                 layers_per_block=2, sample_size=128, transformer_layers_per_block=(1, 2, 10),
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    # ~21M parameters, SD1.5-shaped: big enough that model state outweighs the framework on CPU
+    "small-sd15": dict(block_out_channels=(64, 128, 256, 256), cross_attention_dim=256, attention_head_dim=8,
+                       layers_per_block=1, sample_size=16, norm_num_groups=32,
+                       down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                       up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "tiny-sd15": dict(block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=4,
+                      layers_per_block=1, sample_size=8, norm_num_groups=32,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "tiny-sdxl": dict(block_out_channels=(32, 64), cross_attention_dim=64, attention_head_dim=4,
+                      layers_per_block=1, sample_size=8, norm_num_groups=32, transformer_layers_per_block=(1, 2),
+                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=32 + 6 * 8,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+}
+# What the shipped recipes train: pixel resolution, generator timesteps, CFG, GAN weights.
+RECIPES = {
+    "sd15": dict(resolution=512, timesteps=[999], cfg=1.75, gan=(1e-3, 1e-2)),
+    "sdxl": dict(resolution=1024, timesteps=[999, 749, 499, 249], cfg=8.0, gan=(5e-3, 1e-2)),
+}
+
+
+# The teachers' frozen encoders (SD1.5 / SDXL VAE and CLIP text encoders), for the cost of encoding
+# conditioning every step; tiny ones of the same kind for CPU.
+ENCODERS = {
+    "sd15": dict(vae=(128, 256, 512, 512), text=[dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                      num_attention_heads=12)]),
+    "sdxl": dict(vae=(128, 256, 512, 512), text=[dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                      num_attention_heads=12),
+                                                 dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                      num_attention_heads=20, projection_dim=1280)]),
+    "tiny": dict(vae=(16, 32, 32, 32), text=[dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=2)]),
+}
+
+
+def make_encoders(name: str, device="cpu"):
+    """(VAE, [text encoders]) of the kind ``name``'s teacher ships, random weights, fp32 (as train.Setup
+    holds them)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = ENCODERS["tiny" if name.startswith(("tiny", "small")) else family_of(name)]
+    with torch.device(device):
+        vae = AutoencoderKL(block_out_channels=spec["vae"], layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            norm_num_groups=min(32, spec["vae"][0]))
+        texts = [(CLIPTextModelWithProjection if "projection_dim" in t else CLIPTextModel)(
+            CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **t)) for t in spec["text"]]
+    return vae.eval().requires_grad_(False), [t.eval().requires_grad_(False) for t in texts]
+
+
+def family_of(name: str) -> str:
+    return "sdxl" if name.endswith("sdxl") else "sd15"
+
+
+def recipe_of(name: str) -> dict:
+    if name in RECIPES:
+        return RECIPES[name]
+    base = RECIPES[family_of(name)]
+    return {**base, "resolution": UNETS[name]["sample_size"] * 8}
+
+
+def make_unet(name: str, device="cpu", dtype=torch.float32, seed: int = 0):
+    """A UNet of architecture ``name`` with random weights (nothing is downloaded)."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    diffusers.utils.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**UNETS[name])
+    return unet.to(dtype).requires_grad_(False).eval()
+
+
+def synthetic_teacher(name: str, unet):
+    """A dmd2 Teacher around ``unet``: SD noise schedule; text encoders and VAE are left out (the
+    batch holds random embeddings and latents of the right shapes)."""
+    from dmd2.models import Teacher
+    from dmd2.schedule import DDPMSchedule
+
+    return Teacher(f"random:{name}", family_of(name), unet, DDPMSchedule.scaled_linear(), {})
+
+
+def random_batch(name: str, batch: int, latent: int, device, seed: int = 0, gan: bool = True):
+    """Conditioning (and real latents for the GAN) of the right shapes for architecture ``name``."""
+    from dmd2.distill import Batch
+
+    cfg = UNETS[name]
+    g = torch.Generator().manual_seed(seed)
+    res = latent * 8
+
+    def text(b):
+        c = {"encoder_hidden_states": torch.randn(b, 77, cfg["cross_attention_dim"], generator=g)}
+        if family_of(name) == "sdxl":
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            c["text_embeds"] = torch.randn(b, pooled, generator=g)
+            c["time_ids"] = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32).repeat(b, 1)
+        return {k: v.to(device) for k, v in c.items()}
+
+    uncond = text(batch)
+    if family_of(name) == "sdxl":  # SDXL's unconditional embedding is all zeros, time ids kept (§4)
+        uncond = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in uncond.items()}
+    real = torch.randn(batch, 4, latent, latent, generator=g).to(device) if gan else None
+    return Batch(text(batch), uncond, real, text(batch) if gan else None)
+
+
+def loss_config(cfg_scale: float, gan: tuple[float, float] | None):
+    from dmd2.config import LossConfig
+
+    g = {"enabled": gan is not None}
+    if gan is not None:
+        g.update(generator_weight=gan[0], discriminator_weight=gan[1])
+    return LossConfig.model_validate({"cfg_scale": cfg_scale, "gan": g})
+
+
+def lora_config(mode: str, rank: int = 64, alpha: float = 8.0):
+    """mode: full | lora (generator) | lora+fake (generator and fake score, sharing the teacher's base)."""
+    from dmd2.config import LoraConfig
+
+    if mode == "full":
+        return None
+    return LoraConfig(enabled=True, fake_score=mode == "lora+fake", rank=rank, alpha=alpha)
+
+
+class Rig:
+    """Generator + guidance (teacher, fake score, GAN head) and their optimizers: two DeepSpeed
+    engines when ``ds`` holds their configs, else plain modules with torch AdamW and the same
+    clipping and non-finite-step skip."""
+
+    def __init__(self, teacher, *, latent: int, batch_size: int, timesteps, loss_cfg, lora=None,
+                 gradient_checkpointing: bool = True, ds: dict | None = None, lr: float = 1e-5, device="cpu"):
+        from dmd2.config import OptimizerConfig
+        from dmd2.models.roles import build_roles
+
+        self.teacher, self.loss_cfg, self.timesteps = teacher, loss_cfg, list(timesteps)
+        self.shape = (batch_size, teacher.channels, latent, latent)
+        self.device = torch.device(device)
+        # build_roles takes the *pixel* resolution only to size the GAN head from the mid-block;
+        # a teacher without a VAE has latent == pixel size
+        res = latent * teacher.vae_scale_factor
+        self.gen, self.guidance = build_roles(teacher, lora=lora, gan=loss_cfg.gan.enabled, resolution=res, seed=0,
+                                              gradient_checkpointing=gradient_checkpointing)
+        optim = OptimizerConfig(lr=lr)
+        self.engines = ds is not None
+        if self.engines:
+            from dmd2 import engines
+
+            self.gen_engine = engines.build_engine(self.gen, optim, ds["generator"])
+            self.guidance_engine = engines.build_engine(self.guidance, optim, ds["critic"])
+            self.gen, self.guidance = self.gen_engine.module, self.guidance_engine.module
+        else:
+            self.gen.to(self.device)
+            self.guidance.to(self.device)
+            self.opts = []
+            for m in (self.gen, self.guidance):
+                params = [p for p in m.parameters() if p.requires_grad]
+                self.opts.append((params, torch.optim.AdamW(params, lr=lr, weight_decay=0.01)))
+
+    def _plain_step(self, loss, which: int) -> bool:
+        params, opt = self.opts[which]
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 10.0)
+        ok = bool(torch.isfinite(norm))
+        if ok:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return ok
+
+    def iteration(self, batch, k: int = 0, seed: int = 0, generator_turn: bool = True) -> dict[str, float]:
+        """One training iteration as dmd2/train.py runs it; returns its losses."""
+        if self.engines:
+            return self._iteration(batch, k, seed, generator_turn)
+        with torch_linear():
+            return self._iteration(batch, k, seed, generator_turn)
+
+    def _iteration(self, batch, k: int, seed: int, generator_turn: bool) -> dict[str, float]:
+        from dmd2.distill import critic_loss, generator_input, generator_loss
+        from dmd2.models.roles import set_phase
+
+        g = torch.Generator(self.device).manual_seed(seed)
+        x_t, tk = generator_input(self.gen, self.teacher.schedule, self.timesteps, k, self.shape, batch, g, True,
+                                  self.device)
+        logs = {}
+        if generator_turn:
+            set_phase(self.guidance, "generator")
+            x = (self.gen_engine if self.engines else self.gen)(x_t, tk, batch.cond)
+            loss_g, logs = generator_loss(self.guidance, x, batch, self.loss_cfg, g)
+            if self.engines:
+                self.gen_engine.backward(loss_g)
+                self.gen_engine.step()
+                self.gen_engine.was_step_applied()
+            else:
+                self._plain_step(loss_g, 0)
+            set_phase(self.guidance, "critic")
+        else:
+            with torch.no_grad():
+                x = self.gen(x_t, tk, batch.cond)
+        if self.engines:
+            loss_c, logs_c = self.guidance_engine(critic_loss, x.detach(), batch, self.loss_cfg, g)
+            self.guidance_engine.backward(loss_c)
+            self.guidance_engine.step()
+            self.guidance_engine.was_step_applied()
+        else:
+            loss_c, logs_c = self.guidance(critic_loss, x.detach(), batch, self.loss_cfg, g)
+            self._plain_step(loss_c, 1)
+        logs = {**logs, **logs_c}
+        return dict(zip(logs, torch.stack(list(logs.values())).tolist(), strict=True))
+
+    def destroy(self) -> None:
+        if self.engines:
+            for e in (self.gen_engine, self.guidance_engine):
+                e.destroy()
+
+
+@contextlib.contextmanager
+def torch_linear():
+    """torch's own F.linear for the duration: building a ZeRO-3 engine replaces it process-wide with
+    DeepSpeed's autograd Function ("memory efficient linear"), which would slow a plain reference
+    measured in the same process."""
+    import torch.nn.functional as F
+
+    try:
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+        original = getattr(Init, "linear_bk", F.linear)
+    except ImportError:
+        original = F.linear
+    patched, F.linear = F.linear, original
+    try:
+        yield
+    finally:
+        F.linear = patched
+
+
+def model_flops(name: str, *, lora_mode: str, batch_size: int, latent: int, timesteps, loss_cfg, k: int) -> int:
+    """FLOPs of one iteration at backward-simulation index k, counted on the meta device (no memory,
+    no time) with torch's FlopCounterMode: every UNet and GAN-head call, forward and backward,
+    without activation-checkpoint recomputation (model FLOPs, as MFU counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    teacher = synthetic_teacher(name, make_unet(name, device="meta"))
+    with torch.device("meta"):
+        rig = Rig(teacher, latent=latent, batch_size=batch_size, timesteps=timesteps, loss_cfg=loss_cfg,
+                  lora=lora_config(lora_mode), gradient_checkpointing=False, device="meta")
+    batch = random_batch(name, batch_size, latent, "meta", gan=loss_cfg.gan.enabled)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _meta_iteration(rig, batch, k)
+    return int(counter.get_total_flops())
+
+
+def _meta_iteration(rig: Rig, batch, k: int) -> None:
+    """Rig.iteration's forward and backward passes (optimizer steps are elementwise, not counted;
+    meta tensors have no values to sync)."""
+    from dmd2.distill import critic_loss, generator_input, generator_loss
+    from dmd2.models.roles import set_phase
+
+    g = torch.Generator().manual_seed(0)
+    x_t, tk = generator_input(rig.gen, rig.teacher.schedule, rig.timesteps, k, rig.shape, batch, g, True, rig.device)
+    set_phase(rig.guidance, "generator")
+    x = rig.gen(x_t, tk, batch.cond)
+    generator_loss(rig.guidance, x, batch, rig.loss_cfg, g)[0].backward()
+    set_phase(rig.guidance, "critic")
+    rig.guidance(critic_loss, x.detach(), batch, rig.loss_cfg, g)[0].backward()
+
+
+def rss_peak_reset() -> int:
+    """Current resident memory in bytes, after resetting the peak (Linux /proc)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status("VmRSS")
+
+
+def rss_peak() -> int:
+    return _proc_status("VmHWM")
+
+
+def _proc_status(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024
+
+
+def zero_state_counts(rig: Rig) -> dict[str, int]:
+    """Trainable parameters vs the fp32 master elements ZeRO keeps for them, per engine: equal when
+    frozen weights (teacher, LoRA base) get no fp32 copy or optimizer state."""
+    out = {}
+    for name, eng in (("generator", rig.gen_engine), ("critic", rig.guidance_engine)):
+        trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                        for p in eng.module.parameters() if p.requires_grad)
+        opt = eng.optimizer
+        flat = getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(opt, "single_partition_of_fp32_groups", [])
+        out[f"{name}_trainable"] = trainable
+        out[f"{name}_fp32_master"] = sum(t.numel() for t in flat)
+    return out
+
+
+def own_teacher(teacher):
+    """A teacher whose UNet no other rig shares (ZeRO-3 partitions a module in place)."""
+    return dataclasses.replace(teacher, unet=copy.deepcopy(teacher.unet))
