@@ -15,6 +15,7 @@ from .config import Recipe, recipe_to_yaml
 from .data import RealImages, batch_indices, load_prompts
 from .distill import Batch, critic_loss, generator_input, generator_loss
 from .errors import UserError
+from .files import sha256_file
 from .logs import RunLogger
 from .models import Conditioner, cond_to, load_teacher
 from .models.roles import build_roles, set_phase
@@ -96,7 +97,7 @@ class Setup:
         m, d = self.recipe.model, self.recipe.data
         inputs = {"teacher": cache.teacher_fingerprint(m.teacher, m.teacher_config), "family": self.teacher.family,
                   "resolution": self.resolution,
-                  "prompts": cache.sha256_file(d.prompts) if self.prompts is not None else None,
+                  "prompts": sha256_file(d.prompts) if self.prompts is not None else None,
                   "real_images": cache.real_images_fingerprint(self.real) if self.real is not None else None}
         text = self.cond.text
         builder = cache.Builder(self.prompts, self.real, self.cond.encode_prompts if text else None, self.encode_images,
