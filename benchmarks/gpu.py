@@ -144,7 +144,7 @@ def run_config(cfg: dict) -> dict:
                    losses={k: round(v, 5) for k, v in losses.items()})
         if cuda:
             out["reserved_gb"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
-    except torch.OutOfMemoryError as e:
+    except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError) as e:
         out.update(status="oom", peak_gb=round(peak(), 3), error=str(e).strip().splitlines()[0][:300])
     return out
 
