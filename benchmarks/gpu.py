@@ -187,7 +187,7 @@ def encode_cost(cfg: dict, dev, resolution: int) -> dict:
     return {"status": "ok", "load_s": round(load, 4), "encode_s": round(encode, 4)}
 
 
-def count_flops(names: list[str], modes: list[str]) -> dict:
+def count_flops(names: list[str], modes: list[str], lora_rank: int) -> dict:
     """FLOPs of one iteration at batch 1 for k = 0 and 1 (they grow by one generator call per k)."""
     from benchmarks.rig import loss_config, model_flops, recipe_of
 
@@ -197,7 +197,8 @@ def count_flops(names: list[str], modes: list[str]) -> dict:
         for mode in modes:
             ks = [0, 1] if len(r["timesteps"]) > 1 else [0]
             out[f"{name}|{mode}"] = [model_flops(name, lora_mode=mode, batch_size=1, latent=r["resolution"] // 8,
-                                                 timesteps=r["timesteps"], loss_cfg=loss_config(r["cfg"], r["gan"]), k=k)
+                                                 timesteps=r["timesteps"], loss_cfg=loss_config(r["cfg"], r["gan"]), k=k,
+                                                 lora_rank=lora_rank)
                                      for k in ks]
     return out
 
@@ -279,8 +280,8 @@ def main(argv=None) -> int:
             from benchmarks.common import cpu_env
 
             cpu_env()
-        out = run_config(json.loads(args.worker)) if args.worker else count_flops(args.models.split(","),
-                                                                                  args.modes.split(","))
+        out = run_config(json.loads(args.worker)) if args.worker else count_flops(
+            args.models.split(","), args.modes.split(","), args.lora_rank)
         Path(args.result).write_text(json.dumps(out))
         return 0
 
@@ -313,7 +314,8 @@ def main(argv=None) -> int:
     names = sorted({c["name"] for c in plan(args)})
     flops_file = tmp / "flops.json"
     flops_proc = subprocess.Popen([sys.executable, __file__, "--count-flops", "--models", ",".join(names),
-                                   "--modes", ",".join(args.modes), "--result", str(flops_file)],
+                                   "--modes", ",".join(args.modes), "--lora-rank", str(args.lora_rank),
+                                   "--result", str(flops_file)],
                                   env={**env, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
                                   stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)

@@ -265,7 +265,8 @@ def torch_linear():
         F.linear = patched
 
 
-def model_flops(name: str, *, lora_mode: str, batch_size: int, latent: int, timesteps, loss_cfg, k: int) -> int:
+def model_flops(name: str, *, lora_mode: str, batch_size: int, latent: int, timesteps, loss_cfg, k: int,
+                lora_rank: int = 64) -> int:
     """FLOPs of one iteration at backward-simulation index k, counted on the meta device (no memory,
     no time) with torch's FlopCounterMode: every UNet and GAN-head call, forward and backward,
     without activation-checkpoint recomputation (model FLOPs, as MFU counts them)."""
@@ -274,7 +275,7 @@ def model_flops(name: str, *, lora_mode: str, batch_size: int, latent: int, time
     teacher = synthetic_teacher(name, make_unet(name, device="meta"))
     with torch.device("meta"):
         rig = Rig(teacher, latent=latent, batch_size=batch_size, timesteps=timesteps, loss_cfg=loss_cfg,
-                  lora=lora_config(lora_mode), gradient_checkpointing=False, device="meta")
+                  lora=lora_config(lora_mode, lora_rank), gradient_checkpointing=False, device="meta")
     batch = random_batch(name, batch_size, latent, "meta", gan=loss_cfg.gan.enabled)
     counter = FlopCounterMode(display=False)
     with counter:
