@@ -72,6 +72,12 @@ def ds_config(template: str | Path, *, batch_size: int, grad_clip: float, bf16: 
     cfg.setdefault("zero_optimization", {})["stage"] = zero_stage
     if zero_stage < 3:
         cfg["zero_optimization"] = {k: v for k, v in cfg["zero_optimization"].items() if not k.startswith("stage3")}
+    if zero_stage == 3:
+        # DeepSpeed's "memory efficient linear" swaps torch.nn.functional.linear process-wide for an
+        # autograd Function that binds its arguments with inspect.signature on every call (~40 us x
+        # ~400 linears an iteration) and saves nothing ZeRO-3 needs: the weights are re-gathered
+        # before backward by the module hooks either way. A template may still turn it on.
+        cfg["zero_optimization"].setdefault("memory_efficient_linear", False)
     if zero_stage == 3 and not torch.cuda.is_available():
         # stage3 prefetch tracing costs 10-25 s on the first steps and buys nothing on CPU
         cfg["zero_optimization"]["stage3_max_reuse_distance"] = 0
@@ -100,17 +106,33 @@ def build_engine(module: torch.nn.Module, optim_cfg, config: dict):
 
 def _drop_idle_zero3_hooks(engine) -> int:
     """ZeRO-3 hooks every submodule: fetch its own parameters before forward and backward, release
-    them after. Containers and parameterless modules (activations, blocks, attention wrappers:
-    about half of a UNet's modules) have nothing to fetch, yet each hooked call costs ~100 us of
-    Python; their hooks are removed. The root keeps its hooks (it starts ZeRO-3's step)."""
+    them after, and wrap its inputs and outputs in two autograd Functions to find its backward.
+    Each hooked call costs ~100-300 us of Python (DeepSpeed binds the Functions' arguments with
+    ``inspect.signature`` on every call). Two kinds of module gain nothing from them, and lose them:
+
+    - modules that own no parameters (activations, blocks, attention wrappers: about half of a
+      UNet's modules);
+    - modules whose own parameters are all *persistent* (``stage3_param_persistence_threshold``:
+      norms, biases, small convolutions). ZeRO-3 never releases those after a forward and gathers
+      them again after every optimizer step, so the fetch and release hooks have nothing to do.
+      Gradients do not depend on these hooks (ZeRO-3 reduces them from per-parameter hooks). What
+      could still partition them (``GatheredParameters`` on exit, checkpoint loading) is covered by
+      a cheap guard hook that gathers them again before the module runs.
+
+    The root keeps its hooks (it starts ZeRO-3's step), and so do modules with external parameters.
+    Returns the number of hooks removed."""
     offload = getattr(engine.optimizer, "parameter_offload", None)
     if offload is None:  # ZeRO stage 1/2: no module hooks
         return 0
-    idle = set()
+    idle, guarded = set(), []
     for m in engine.module.modules():
-        if m is not engine.module and next(m.parameters(recurse=False), None) is None \
-                and not getattr(m, "_external_params", None):
+        if m is engine.module or getattr(m, "_external_params", None):
+            continue
+        own = list(m.parameters(recurse=False))
+        if all(getattr(p, "ds_persist", False) for p in own):
             idle |= {id(m._forward_pre_hooks), id(m._forward_hooks)}
+            if own:
+                guarded.append((m, own))
     dropped = 0
     for hooks in (offload.forward_hooks, offload.backward_hooks):
         keep = []
@@ -121,4 +143,17 @@ def _drop_idle_zero3_hooks(engine) -> int:
             else:
                 keep.append(h)
         hooks[:] = keep
+    for m, own in guarded:
+        offload.forward_hooks.append(m.register_forward_pre_hook(_gather_if_partitioned(own)))
     return dropped
+
+
+def _gather_if_partitioned(params: list):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    def hook(module, args):
+        missing = [p for p in params if p.ds_status is not ZeroParamStatus.AVAILABLE]
+        if missing:  # persistent parameters stay gathered from here on, as ZeRO-3 keeps them
+            missing[0].all_gather(missing)
+
+    return hook
