@@ -161,6 +161,10 @@ class OptimizerConfig(_Section):
     weight_decay: Float = Field(0.01, ge=0)
     eps: Float = Field(1e-8, gt=0)
     warmup_steps: Int = Field(0, ge=0)
+    # After warmup: "constant", or "cosine" decay to min_lr_ratio x lr at train.max_steps (a run on
+    # cosine then cannot be extended: raising max_steps would change the rate of steps already taken).
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: Float = Field(0.0, ge=0, le=1)
     grad_clip: Float = Field(10.0, gt=0)
 
 

@@ -86,8 +86,26 @@ def ds_config(template: str | Path, *, batch_size: int, grad_clip: float, bf16: 
     return cfg
 
 
-def build_engine(module: torch.nn.Module, optim_cfg, config: dict):
-    """A DeepSpeed engine for ``module`` whose trainable parameters get AdamW + linear warmup.
+def lr_factor(optim_cfg, updates: int):
+    """The LR multiplier after ``s`` optimizer updates: linear warmup, then constant or cosine decay
+    to ``min_lr_ratio`` at ``updates`` (the engine's updates in the whole run)."""
+    import math
+
+    warmup, floor = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
+
+    def factor(s: int) -> float:
+        f = min(1.0, (s + 1) / warmup) if warmup else 1.0
+        if optim_cfg.schedule == "cosine":
+            progress = min(1.0, max(0, s - warmup) / max(1, updates - warmup))
+            f *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return f
+
+    return factor
+
+
+def build_engine(module: torch.nn.Module, optim_cfg, config: dict, updates: int = 0):
+    """A DeepSpeed engine for ``module`` whose trainable parameters get AdamW + linear warmup (and
+    cosine decay over ``updates`` optimizer updates when the recipe asks for it).
 
     The optimizer is a torch AdamW instance, not one declared in the JSON, which DeepSpeed would
     turn into FusedAdam (an ~90 s compile on CPU, no gain for these sizes).
@@ -97,8 +115,7 @@ def build_engine(module: torch.nn.Module, optim_cfg, config: dict):
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
                             weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps)
-    warmup = optim_cfg.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim_cfg, updates))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
     _drop_idle_zero3_hooks(engine)
     return engine

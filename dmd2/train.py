@@ -51,6 +51,11 @@ def check_resume_compatible(run_dir: Path, recipe: Recipe) -> None:
     except ValueError:
         pass
     old, new = _flat(old), _flat(recipe.model_dump(mode="json"))
+    cosine = [o for o in ("generator", "critic") if new.get(f"optim.{o}.schedule") == "cosine"]
+    if cosine and old.get("train.max_steps") != new.get("train.max_steps"):
+        raise UserError(f"{saved}: train.max_steps was {old.get('train.max_steps')!r}, now "
+                        f"{new.get('train.max_steps')!r}; optim.{cosine[0]}.schedule is cosine, which decays to the "
+                        f"end of the run, so it cannot be extended (use a new output_dir)")
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
             raise UserError(f"{saved}: {key} was {old.get(key)!r}, now {new.get(key)!r}; resuming needs the same "
@@ -228,8 +233,9 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     bf16 = engines.use_bf16(t.precision)
     ds = {o: engines.ds_config(t.ds_config, batch_size=t.batch_size, grad_clip=getattr(recipe.optim, o).grad_clip,
                                bf16=bf16, zero_stage=t.zero_stage) for o in ("generator", "critic")}
-    gen_engine = engines.build_engine(generator, recipe.optim.generator, ds["generator"])
-    guidance_engine = engines.build_engine(guidance, recipe.optim.critic, ds["critic"])
+    gen_updates = -(-t.max_steps // t.update_ratio)  # the generator steps when step % update_ratio == 0
+    gen_engine = engines.build_engine(generator, recipe.optim.generator, ds["generator"], gen_updates)
+    guidance_engine = engines.build_engine(guidance, recipe.optim.critic, ds["critic"], t.max_steps)
     guide = guidance_engine.module  # the generator phase calls the module, never the engine (Trap 1)
 
     # Resume from the newest committed checkpoint that verifies (or the one asked for).

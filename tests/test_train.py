@@ -108,3 +108,44 @@ def test_missing_teacher_is_one_line_exit_2(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.teacher" in lines[0], res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor():
+    from dmd2.config import OptimizerConfig
+    from dmd2.engines import lr_factor
+
+    const = lr_factor(OptimizerConfig(warmup_steps=4), 100)
+    assert [const(s) for s in (0, 1, 3, 50, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cos = lr_factor(OptimizerConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), 104)
+    assert cos(0) == 0.25 and cos(4) == pytest.approx(1.0)
+    assert cos(54) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert cos(104) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    values = [cos(s) for s in range(4, 105)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_a_cosine_run_cannot_be_extended(tmp_path):
+    """Raising train.max_steps is allowed on a constant schedule only: a cosine schedule's past
+    learning rates depend on it."""
+    import yaml
+
+    from dmd2.config import load_recipe
+    from dmd2.errors import UserError
+    from dmd2.train import check_resume_compatible
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": 10}))
+    (ckpt / "COMMITTED").write_text("")
+    base = ["model.teacher=/x", f"output_dir={tmp_path / 'run'}", "train.max_steps=10"]
+    recipe = load_recipe(REPO / "recipes/tiny_classcond.yaml", base + ["optim.generator.schedule=cosine"])
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    check_resume_compatible(tmp_path / "run", recipe)  # the same recipe resumes
+    longer = load_recipe(REPO / "recipes/tiny_classcond.yaml",
+                         base + ["optim.generator.schedule=cosine", "train.max_steps=20"])
+    with pytest.raises(UserError, match="optim.generator.schedule is cosine"):
+        check_resume_compatible(tmp_path / "run", longer)
+    constant = load_recipe(REPO / "recipes/tiny_classcond.yaml", base)
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(constant.model_dump(mode="json")))
+    check_resume_compatible(tmp_path / "run", load_recipe(REPO / "recipes/tiny_classcond.yaml",
+                                                          base + ["train.max_steps=20"]))
