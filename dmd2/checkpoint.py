@@ -131,7 +131,7 @@ def clean_partial(run_dir: Path) -> list[Path]:
 
 
 def save(run_dir: Path, step: int, gen_engine, guidance_engine, state: dict, *, keep_last: int, rank: int,
-         protect: Path | None = None) -> Path:
+         protect: Path | None = None, ema=None) -> Path:
     """Save both engines collectively; commit on rank 0 after every rank's manifest; rotate."""
     import deepspeed.comm as dist
 
@@ -143,6 +143,8 @@ def save(run_dir: Path, step: int, gen_engine, guidance_engine, state: dict, *, 
     faults.point("save_after_generator", step)
     guidance_engine.save_checkpoint(str(ckpt), tag="guidance", save_latest=False, exclude_frozen_parameters=True)
     faults.point("save_after_guidance", step)
+    if ema is not None:
+        ema.save(ckpt / "generator", rank)
     dist.barrier()  # every rank's shards are on disk before anyone lists or hashes them
     write_manifest(ckpt, rank)
     dist.barrier()
@@ -198,9 +200,15 @@ def resolve_resume(run_dir: Path, explicit: str | None, rank: int, world: int) -
     return None, warnings
 
 
-def consolidated_generator(ckpt: Path) -> dict:
-    """The generator's full fp32 weights from a ZeRO checkpoint, keys as in the diffusers UNet."""
+def consolidated_generator(ckpt: Path, ema: bool = False) -> dict:
+    """The generator's full fp32 weights (or their EMA) from a ZeRO checkpoint, keys as in the
+    diffusers UNet."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="generator")
+    if ema:
+        from . import ema as ema_mod
+
+        sd = ema_mod.consolidated(ckpt / "generator")
+    else:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="generator")
     return {k.removeprefix("unet."): v for k, v in sd.items()}

@@ -188,6 +188,9 @@ class TrainConfig(_Section):
     zero_stage: Int = Field(3, ge=1, le=3)
     ds_config: str = Field(DEFAULT_DS_CONFIG, min_length=1)
     gradient_checkpointing: Bool = True
+    # Exponential moving average of the generator's weights, updated after every generator update
+    # (0 = off). When on, sample/eval/export use the EMA weights.
+    ema_decay: Float = Field(0.0, ge=0, lt=1)
     resolution: Int | None = Field(None, ge=8)  # None: the teacher's native resolution
     # A checkpoint folder to resume from; None resumes from output_dir's newest good checkpoint.
     resume_from: str | None = Field(None, min_length=1)

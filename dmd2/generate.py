@@ -142,7 +142,7 @@ def _from_run(run: Path, device, merge_lora: bool) -> Generator:
     step = int(checkpoint.read_state(ckpt)["step"])
     parts = teacher_of(recipe, str(run / "recipe.yaml"))
     with quiet():
-        weights = checkpoint.consolidated_generator(ckpt)
+        weights = checkpoint.consolidated_generator(ckpt, ema=recipe.train.ema_decay > 0)
     unet = parts.unet
     if recipe.model.lora.enabled:
         from .models.lora import add_lora

@@ -14,6 +14,7 @@ from . import checkpoint, engines, faults
 from .config import Recipe, recipe_to_yaml
 from .data import RealImages, batch_indices, load_prompts
 from .distill import Batch, critic_loss, generator_input, generator_loss
+from .ema import ShardedEMA
 from .errors import UserError
 from .files import sha256_file
 from .logs import RunLogger
@@ -237,12 +238,15 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     gen_engine = engines.build_engine(generator, recipe.optim.generator, ds["generator"], gen_updates)
     guidance_engine = engines.build_engine(guidance, recipe.optim.critic, ds["critic"], t.max_steps)
     guide = guidance_engine.module  # the generator phase calls the module, never the engine (Trap 1)
+    ema = ShardedEMA(gen_engine, t.ema_decay) if t.ema_decay > 0 else None
 
     # Resume from the newest committed checkpoint that verifies (or the one asked for).
     ckpt, warnings = checkpoint.resolve_resume(run_dir, t.resume_from, rank, world)
     start = 0
     if ckpt is not None:
         checkpoint.load(ckpt, gen_engine, guidance_engine)
+        if ema is not None:
+            ema.load(ckpt / "generator", rank)
         start = checkpoint.read_state(ckpt)["step"]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +270,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         checkpoint.save(run_dir, done, gen_engine, guidance_engine,
                         {"teacher": recipe.model.teacher, "world_size": world, "timesteps": s.timesteps,
                          "skipped_steps": skipped},
-                        keep_last=t.keep_last, rank=rank, protect=ckpt)
+                        keep_last=t.keep_last, rank=rank, protect=ckpt, ema=ema)
 
     for step in range(start, t.max_steps):
         done = step + 1
@@ -295,6 +299,8 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
             gen_engine.backward(loss_g)
             gen_engine.step()
             applied &= gen_engine.was_step_applied()
+            if ema is not None and gen_engine.was_step_applied():
+                ema.update()
             set_phase(guide, "critic")
             metrics.update(_floats(logs_g))
         else:

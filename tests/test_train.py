@@ -149,3 +149,31 @@ def test_a_cosine_run_cannot_be_extended(tmp_path):
     (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump(constant.model_dump(mode="json")))
     check_resume_compatible(tmp_path / "run", load_recipe(REPO / "recipes/tiny_classcond.yaml",
                                                           base + ["train.max_steps=20"]))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_generator_ema_is_the_average_of_its_updates_and_resumes(tmp_path, tiny_teacher, stage):
+    """train.ema_decay: with one generator update per step, the EMA saved at step 3 is
+    d * EMA(2) + (1 - d) * W(3), also when step 3 runs in a resumed process (the EMA shards load);
+    sample/export read it (generate.load_generator)."""
+    from dmd2.checkpoint import committed, consolidated_generator
+    from dmd2.generate import load_generator
+
+    teacher, run = tiny_teacher("classcond"), tmp_path / "run"
+    args = ["train", "recipes/tiny_classcond.yaml", f"model.teacher={teacher}", f"output_dir={run}",
+            "train.update_ratio=1", "train.checkpoint_every=1", "train.keep_last=5", "train.ema_decay=0.75",
+            f"train.zero_stage={stage}"]
+    for steps in (2, 3):  # the second command resumes at step 2
+        res = run_cli(*args, f"train.max_steps={steps}")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ck = {int(c.name.split("_")[1]): c for c in committed(run)}
+    e2, e3 = consolidated_generator(ck[2], ema=True), consolidated_generator(ck[3], ema=True)
+    w3 = consolidated_generator(ck[3])
+    assert set(e3) == set(w3)
+    moved = [k for k in w3 if not torch.equal(e3[k], w3[k])]
+    assert moved, "the EMA equals the weights"
+    for k in w3:
+        torch.testing.assert_close(e3[k], 0.75 * e2[k] + 0.25 * w3[k], rtol=1e-5, atol=1e-6)
+    unet = load_generator(run).parts.unet
+    got = unet.state_dict()
+    assert all(torch.equal(got[k], e3[k]) for k in moved)
