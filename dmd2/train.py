@@ -298,8 +298,9 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
             loss_g = logs_g["loss_generator"] = faults.poison("loss_generator", loss_g)
             gen_engine.backward(loss_g)
             gen_engine.step()
-            applied &= gen_engine.was_step_applied()
-            if ema is not None and gen_engine.was_step_applied():
+            gen_applied = gen_engine.was_step_applied()
+            applied &= gen_applied
+            if ema is not None and gen_applied:
                 ema.update()
             set_phase(guide, "critic")
             metrics.update(_floats(logs_g))
