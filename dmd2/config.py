@@ -189,7 +189,8 @@ class TrainConfig(_Section):
     ds_config: str = Field(DEFAULT_DS_CONFIG, min_length=1)
     gradient_checkpointing: Bool = True
     # Exponential moving average of the generator's weights, updated after every generator update
-    # (0 = off). When on, sample/eval/export use the EMA weights.
+    # (0 = off), with diffusers' warm-up: update n uses min(ema_decay, n / (n + 9)). When on,
+    # sample/eval/export use the EMA weights.
     ema_decay: Float = Field(0.0, ge=0, lt=1)
     resolution: Int | None = Field(None, ge=8)  # None: the teacher's native resolution
     # A checkpoint folder to resume from; None resumes from output_dir's newest good checkpoint.

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 FILE = "zero_pp_rank_{rank}_ema.pt"
 
 
@@ -32,15 +34,24 @@ def _master(opt) -> list[torch.Tensor]:
     return opt.single_partition_of_fp32_groups
 
 
+def warmed_decay(decay: float, n: int) -> float:
+    """The decay used at the n-th update (1-based): min(decay, n / (n + 9)), the warm-up of
+    diffusers' EMAModel, so the average forgets its start (the teacher's weights) after a few
+    dozen updates instead of carrying decay**n of it (5% after 300 updates at 0.99)."""
+    return min(decay, n / (n + 9))
+
+
 class ShardedEMA:
     def __init__(self, engine, decay: float):
-        self.opt, self.decay = engine.optimizer, decay
+        self.opt, self.decay, self.updates = engine.optimizer, decay, 0
         self.ema = [m.detach().clone() for m in _master(self.opt)]
 
     @torch.no_grad()
     def update(self) -> None:
+        self.updates += 1
+        d = warmed_decay(self.decay, self.updates)
         for e, m in zip(self.ema, _master(self.opt), strict=True):
-            e.lerp_(m.to(e.device), 1.0 - self.decay)
+            e.lerp_(m.to(e.device), 1.0 - d)
 
     def _saved_form(self) -> list[torch.Tensor]:
         # ZeRO-1/2 save their groups without the alignment padding; zero_to_fp32 expects that
@@ -51,15 +62,17 @@ class ShardedEMA:
     def save(self, folder: Path, rank: int) -> None:
         path = folder / FILE.format(rank=rank)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"decay": self.decay, "groups": self._saved_form()}, tmp)
+        torch.save({"decay": self.decay, "updates": self.updates, "groups": self._saved_form()}, tmp)
         os.replace(tmp, path)
 
     @torch.no_grad()
     def load(self, folder: Path, rank: int) -> None:
         path = folder / FILE.format(rank=rank)
-        groups = torch.load(path, map_location="cpu", weights_only=True)["groups"]
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        groups = saved["groups"]
         if len(groups) != len(self.ema):
-            raise ValueError(f"{path}: {len(groups)} EMA groups, the generator has {len(self.ema)}")
+            raise UserError(f"{path}: {len(groups)} EMA groups, the generator has {len(self.ema)}")
+        self.updates = saved["updates"]
         for e, g in zip(self.ema, groups, strict=True):
             e.view(-1)[: g.numel()].copy_(g.view(-1))
 

@@ -154,8 +154,9 @@ def test_a_cosine_run_cannot_be_extended(tmp_path):
 @pytest.mark.parametrize("stage", [1, 3])
 def test_generator_ema_is_the_average_of_its_updates_and_resumes(tmp_path, tiny_teacher, stage):
     """train.ema_decay: with one generator update per step, the EMA saved at step 3 is
-    d * EMA(2) + (1 - d) * W(3), also when step 3 runs in a resumed process (the EMA shards load);
-    sample/export read it (generate.load_generator)."""
+    d * EMA(2) + (1 - d) * W(3) with the warm-up's d = min(0.75, 3/12), also when step 3 runs in a
+    resumed process (the EMA shards and their update count load); sample/export read it
+    (generate.load_generator)."""
     from dmd2.checkpoint import committed, consolidated_generator
     from dmd2.generate import load_generator
 
@@ -173,7 +174,7 @@ def test_generator_ema_is_the_average_of_its_updates_and_resumes(tmp_path, tiny_
     moved = [k for k in w3 if not torch.equal(e3[k], w3[k])]
     assert moved, "the EMA equals the weights"
     for k in w3:
-        torch.testing.assert_close(e3[k], 0.75 * e2[k] + 0.25 * w3[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(e3[k], 0.25 * e2[k] + 0.75 * w3[k], rtol=1e-5, atol=1e-6)
     unet = load_generator(run).parts.unet
     got = unet.state_dict()
     assert all(torch.equal(got[k], e3[k]) for k in moved)
