@@ -124,21 +124,40 @@ def build_engine(module: torch.nn.Module, optim_cfg, config: dict, updates: int 
 def _drop_idle_zero3_hooks(engine) -> int:
     """ZeRO-3 hooks every submodule: fetch its own parameters before forward and backward, release
     them after, and wrap its inputs and outputs in two autograd Functions to find its backward.
-    Modules that own no parameters (activations, blocks, attention wrappers: about half of a UNet's
-    modules) have nothing to fetch, yet each hooked call costs ~100-300 us of Python; their hooks
-    are removed. The root keeps its hooks (it starts ZeRO-3's step).
+    Each hooked call costs ~100-300 us of Python (DeepSpeed binds the Functions' arguments with
+    ``inspect.signature`` on every call), which dominates small models. Removed here:
 
-    Not removed, though measured: hooks on modules whose parameters are all persistent. That was
-    faster still, but broke activation-checkpoint recomputation on a 21M-parameter UNet with mixed
-    persistent and partitioned parameters (recomputed weights seen released), so it stays out."""
+    - the hooks of modules that own no parameters (activations, blocks, attention wrappers: about
+      half of a UNet's modules): they have nothing to fetch;
+    - the hooks of modules whose own parameters are all *persistent*
+      (``stage3_param_persistence_threshold``: norms, biases, small layers), replaced by a cheap
+      guard that gathers them again when something partitioned them (ZeRO-3's optimizer step,
+      ``GatheredParameters``, checkpoint loading). Gradients do not depend on these hooks (ZeRO-3
+      reduces them from per-parameter hooks). Only when the engine's module runs no activation
+      checkpointing, or every one of its parameters is persistent: with both checkpointing and
+      partitioned parameters, the recomputation of a checkpointed block needs them (a persistent
+      ``time_emb_proj`` without hooks made the recomputed conv weights come back released;
+      tests/test_engines.py reproduces it).
+
+    The root keeps its hooks (it starts ZeRO-3's step), and so do modules with external or z3-leaf
+    parameters. Returns the number of hooks removed."""
+    from deepspeed.utils import z3_leaf_module
+
     offload = getattr(engine.optimizer, "parameter_offload", None)
     if offload is None:  # ZeRO stage 1/2: no module hooks
         return 0
-    idle = set()
-    for m in engine.module.modules():
-        if m is not engine.module and next(m.parameters(recurse=False), None) is None \
-                and not getattr(m, "_external_params", None):
+    root = engine.module
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in root.modules())
+    persistent_ok = not checkpointed or all(getattr(p, "ds_persist", False) for p in root.parameters())
+    idle, guarded = set(), []
+    for m in root.modules():
+        if m is root or getattr(m, "_external_params", None) or z3_leaf_module(m):
+            continue
+        own = list(m.parameters(recurse=False))
+        if not own or (persistent_ok and all(getattr(p, "ds_persist", False) for p in own)):
             idle |= {id(m._forward_pre_hooks), id(m._forward_hooks)}
+            if own:
+                guarded.append((m, own))
     dropped = 0
     for hooks in (offload.forward_hooks, offload.backward_hooks):
         keep = []
@@ -149,4 +168,17 @@ def _drop_idle_zero3_hooks(engine) -> int:
             else:
                 keep.append(h)
         hooks[:] = keep
+    for m, own in guarded:
+        offload.forward_hooks.append(m.register_forward_pre_hook(_gather_if_partitioned(own)))
     return dropped
+
+
+def _gather_if_partitioned(params: list):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    def hook(module, args):
+        missing = [p for p in params if p.ds_status is not ZeroParamStatus.AVAILABLE]
+        if missing:  # persistent parameters stay gathered from here on, as ZeRO-3 keeps them
+            missing[0].all_gather(missing)
+
+    return hook

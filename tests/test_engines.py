@@ -25,16 +25,25 @@ def _gen():
     return torch.Generator().manual_seed(1234)
 
 
-@pytest.fixture(scope="module")
-def rig(tiny_teacher):
+# ZeRO-3 layouts that engines._drop_idle_zero3_hooks treats differently: every parameter persistent
+# (the tiny model at the shipped threshold: persistent modules lose their hooks); mixed persistent
+# and partitioned with activation checkpointing (they keep them: without, the recomputed conv
+# weights came back released); mixed without checkpointing (they lose them).
+LAYOUTS = {"all-persistent": (100_000, True), "mixed-checkpointed": (5_000, True), "mixed": (5_000, False)}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def rig(tiny_teacher, request):
     from dmd2 import engines
 
+    threshold, checkpointing = LAYOUTS[request.param]
     engines.init_distributed()
     teacher = load_teacher(str(tiny_teacher("sd15")))
-    gen, guidance = build_roles(teacher, gan=True, resolution=32, seed=0, gradient_checkpointing=True)
+    gen, guidance = build_roles(teacher, gan=True, resolution=32, seed=0, gradient_checkpointing=checkpointing)
     ref_gen, ref_guidance = copy.deepcopy(gen), copy.deepcopy(guidance)  # before ZeRO-3 partitions them
     cfg = engines.ds_config(engines.Path(__file__).resolve().parent.parent / "ds_configs/zero3.json",
                             batch_size=2, grad_clip=10.0, bf16=False, zero_stage=3)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
     gen_engine = engines.build_engine(gen, OPTIM, cfg)
     guidance_engine = engines.build_engine(guidance, OPTIM, copy.deepcopy(cfg))
     c = Conditioner(teacher, 32)
