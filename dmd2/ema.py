@@ -72,7 +72,8 @@ class ShardedEMA:
         groups = saved["groups"]
         if len(groups) != len(self.ema):
             raise UserError(f"{path}: {len(groups)} EMA groups, the generator has {len(self.ema)}")
-        self.updates = saved["updates"]
+        # files written before the warm-up existed averaged at the full decay all along
+        self.updates = saved.get("updates", 10**9)
         for e, g in zip(self.ema, groups, strict=True):
             e.view(-1)[: g.numel()].copy_(g.view(-1))
 
