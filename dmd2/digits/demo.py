@@ -59,7 +59,7 @@ PROFILES = {
     "demo": Profile("runs/demo", (Student("student_1step", "recipes/digits_1step.yaml"),
                                   Student("student_4step", "recipes/digits_4step.yaml")), (1, 4, 50), 1000, "demo"),
     # The 1-step student at batch 256 for 1500 steps (the compute of 3000 at the recipe's 128):
-    # FID 0.94 vs 1.39 at n=2000, same seeds (the teacher at 50 calls: 1.09).
+    # FID 0.94 vs 1.39 at n=2000 (the teacher at 50 calls: 1.09; README, make bench-quality).
     "bench": Profile("runs/bench-quality", (Student("student_1step", "recipes/digits_1step.yaml", 1500,
                                                     ("train.batch_size=256",)),
                                             Student("student_4step", "recipes/digits_4step.yaml", 2000)),
