@@ -1,6 +1,7 @@
 """Shared by the tests that run the real CLI in subprocesses."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,3 +43,33 @@ def loss_curve(run: Path) -> dict[int, dict]:
     for row in metrics(run):
         out[row["step"]] = {k: v for k, v in row.items() if "loss" in k or k in ("k", "skipped")}
     return out
+
+
+def _generator_weights(ckpt):
+    from dmd2.checkpoint import consolidated_generator
+
+    return consolidated_generator(ckpt)
+
+
+def check_run(run, steps, teacher, full_weights=True):
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for r in rows:
+        losses = {k: v for k, v in r.items() if "loss" in k}
+        assert "loss_critic" in losses and all(math.isfinite(v) for v in losses.values())
+    assert any("loss_dm" in r for r in rows) and any("loss_gan_d" in r for r in rows)
+    assert (run / "recipe.yaml").is_file()
+    ckpts = sorted((run / "checkpoints").iterdir())
+    last = ckpts[-1]
+    assert (last / "COMMITTED").is_file() and (last / "generator").is_dir() and (last / "guidance").is_dir()
+    assert json.loads((last / "state.json").read_text())["step"] == steps
+    if not full_weights:  # a LoRA run's checkpoint holds adapters, not the UNet's keys
+        return
+    # the generator moved away from the teacher; the teacher on disk is untouched
+    import torch
+    from safetensors.torch import load_file
+
+    weights = _generator_weights(last)
+    ref = load_file(str(next((teacher / "unet").glob("*.safetensors"))))
+    assert set(weights) == set(ref)
+    assert any(not torch.equal(weights[k], ref[k]) for k in ref)

@@ -2,50 +2,12 @@
 deepspeed launcher, multi-step backward simulation, dry-runs of every shipped recipe."""
 
 import json
-import math
 
 import pytest
 import torch
-from helpers import REPO, metrics, run_cli
+from helpers import REPO, check_run, metrics, run_cli
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-
-
-def _generator_weights(ckpt):
-    from dmd2.checkpoint import consolidated_generator
-
-    return consolidated_generator(ckpt)
-
-
-def check_run(run, steps, teacher):
-    rows = metrics(run)
-    assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    for r in rows:
-        losses = {k: v for k, v in r.items() if "loss" in k}
-        assert "loss_critic" in losses and all(math.isfinite(v) for v in losses.values())
-    assert any("loss_dm" in r for r in rows) and any("loss_gan_d" in r for r in rows)
-    assert (run / "recipe.yaml").is_file()
-    ckpts = sorted((run / "checkpoints").iterdir())
-    last = ckpts[-1]
-    assert (last / "COMMITTED").is_file() and (last / "generator").is_dir() and (last / "guidance").is_dir()
-    assert json.loads((last / "state.json").read_text())["step"] == steps
-    # the generator moved away from the teacher; the teacher on disk is untouched
-    from safetensors.torch import load_file
-
-    weights = _generator_weights(last)
-    ref = load_file(str(next((teacher / "unet").glob("*.safetensors"))))
-    assert set(weights) == set(ref)
-    assert any(not torch.equal(weights[k], ref[k]) for k in ref)
-
-
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "classcond"])
-def test_train_each_family(tmp_path, tiny_teacher, family):
-    teacher = tiny_teacher(family)
-    run = tmp_path / "run"
-    res = run_cli("train", f"recipes/tiny_{family}.yaml", f"model.teacher={teacher}", "train.max_steps=3",
-                  f"output_dir={run}")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    check_run(run, 3, teacher)
 
 
 def test_train_logs_previews_and_wandb_offline(tmp_path, tiny_teacher):
