@@ -157,14 +157,15 @@ def lora_config(mode: str, rank: int = 64, alpha: float = 8.0):
 
 
 class Rig:
-    """Generator + guidance (teacher, fake score, GAN head) and their optimizers: two DeepSpeed
+    """Generator + critic (teacher, fake score, GAN head) and their optimizers: two DeepSpeed
     engines when ``ds`` holds their configs, else plain modules with torch AdamW and the same
-    clipping and non-finite-step skip."""
+    clipping and non-finite-step skip (``step.TorchTrainee``)."""
 
     def __init__(self, teacher, *, latent: int, batch_size: int, timesteps, loss_cfg, lora=None,
                  gradient_checkpointing: bool = True, ds: dict | None = None, lr: float = 1e-5, device="cpu"):
         from dmd2.config import OptimizerConfig
         from dmd2.models.roles import build_roles
+        from dmd2.step import TorchTrainee
 
         self.teacher, self.loss_cfg, self.timesteps = teacher, loss_cfg, list(timesteps)
         self.shape = (batch_size, teacher.channels, latent, latent)
@@ -172,78 +173,58 @@ class Rig:
         # build_roles takes the *pixel* resolution only to size the GAN head from the mid-block;
         # a teacher without a VAE has latent == pixel size
         res = latent * teacher.vae_scale_factor
-        self.gen, self.guidance = build_roles(teacher, lora=lora, gan=loss_cfg.gan.enabled, resolution=res, seed=0,
-                                              gradient_checkpointing=gradient_checkpointing)
+        gen, critic = build_roles(teacher, lora=lora, gan=loss_cfg.gan.enabled, resolution=res, seed=0,
+                                  gradient_checkpointing=gradient_checkpointing)
         optim = OptimizerConfig(lr=lr)
         self.engines = ds is not None
         if self.engines:
             from dmd2 import engines
 
-            self.gen_engine = engines.build_engine(self.gen, optim, ds["generator"])
-            self.guidance_engine = engines.build_engine(self.guidance, optim, ds["critic"])
-            self.gen, self.guidance = self.gen_engine.module, self.guidance_engine.module
+            self.gen_engine = engines.build_engine(gen, optim, ds["generator"])
+            self.critic_engine = engines.build_engine(critic, optim, ds["critic"])
+            self.gen, self.critic = engines.EngineTrainee(self.gen_engine), engines.EngineTrainee(self.critic_engine)
+        elif self.device.type == "meta":
+            self.gen, self.critic = _CountOnly(gen), _CountOnly(critic)
         else:
-            self.gen.to(self.device)
-            self.guidance.to(self.device)
-            self.opts = []
-            for m in (self.gen, self.guidance):
-                params = [p for p in m.parameters() if p.requires_grad]
-                self.opts.append((params, torch.optim.AdamW(params, lr=lr, weight_decay=0.01)))
-
-    def _plain_step(self, loss, which: int) -> bool:
-        params, opt = self.opts[which]
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, 10.0)
-        ok = bool(torch.isfinite(norm))
-        if ok:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        return ok
+            self.gen = TorchTrainee(gen.to(self.device), optim)
+            self.critic = TorchTrainee(critic.to(self.device), optim)
 
     def iteration(self, batch, k: int = 0, seed: int = 0, generator_turn: bool = True) -> dict[str, float]:
-        """One training iteration as dmd2/train.py runs it; returns its losses."""
-        if self.engines:
-            return self._iteration(batch, k, seed, generator_turn)
-        with torch_linear():
-            return self._iteration(batch, k, seed, generator_turn)
+        """One training iteration as dmd2/train.py runs it (``step.train_step``); returns its losses."""
+        from dmd2.step import to_floats, train_step
 
-    def _iteration(self, batch, k: int, seed: int, generator_turn: bool) -> dict[str, float]:
-        from dmd2.distill import critic_loss, generator_input, generator_loss
-        from dmd2.models.roles import set_phase
-
-        g = torch.Generator(self.device).manual_seed(seed)
-        x_t, tk = generator_input(self.gen, self.teacher.schedule, self.timesteps, k, self.shape, batch, g, True,
-                                  self.device)
-        logs = {}
-        if generator_turn:
-            set_phase(self.guidance, "generator")
-            x = (self.gen_engine if self.engines else self.gen)(x_t, tk, batch.cond)
-            loss_g, logs = generator_loss(self.guidance, x, batch, self.loss_cfg, g)
-            if self.engines:
-                self.gen_engine.backward(loss_g)
-                self.gen_engine.step()
-                self.gen_engine.was_step_applied()
-            else:
-                self._plain_step(loss_g, 0)
-            set_phase(self.guidance, "critic")
-        else:
-            with torch.no_grad():
-                x = self.gen(x_t, tk, batch.cond)
-        if self.engines:
-            loss_c, logs_c = self.guidance_engine(critic_loss, x.detach(), batch, self.loss_cfg, g)
-            self.guidance_engine.backward(loss_c)
-            self.guidance_engine.step()
-            self.guidance_engine.was_step_applied()
-        else:
-            loss_c, logs_c = self.guidance(critic_loss, x.detach(), batch, self.loss_cfg, g)
-            self._plain_step(loss_c, 1)
-        logs = {**logs, **logs_c}
-        return dict(zip(logs, torch.stack(list(logs.values())).tolist(), strict=True))
+        rng = torch.Generator(self.device if self.device.type != "meta" else "cpu").manual_seed(seed)
+        with contextlib.nullcontext() if self.engines else torch_linear():
+            logs, _ = train_step(self.gen, self.critic, batch, k=k, timesteps=self.timesteps, shape=self.shape,
+                                 loss_cfg=self.loss_cfg, backward_simulation=True, generator_turn=generator_turn,
+                                 rng=rng, device=self.device)
+        return logs if self.device.type == "meta" else to_floats(logs)
 
     def destroy(self) -> None:
         if self.engines:
-            for e in (self.gen_engine, self.guidance_engine):
+            for e in (self.gen_engine, self.critic_engine):
                 e.destroy()
+
+
+class _CountOnly:
+    """``step.Trainee`` for FLOP counting on the meta device: forward and backward, no update (the
+    optimizer step is elementwise and uncounted, and meta tensors have no values to check)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss):
+        loss.backward()
+        return loss
+
+    def step(self) -> bool:
+        return True
+
+    def lr(self) -> float:
+        return 0.0
 
 
 @contextlib.contextmanager
@@ -279,23 +260,8 @@ def model_flops(name: str, *, lora_mode: str, batch_size: int, latent: int, time
     batch = random_batch(name, batch_size, latent, "meta", gan=loss_cfg.gan.enabled)
     counter = FlopCounterMode(display=False)
     with counter:
-        _meta_iteration(rig, batch, k)
+        rig.iteration(batch, k)
     return int(counter.get_total_flops())
-
-
-def _meta_iteration(rig: Rig, batch, k: int) -> None:
-    """Rig.iteration's forward and backward passes (optimizer steps are elementwise, not counted;
-    meta tensors have no values to sync)."""
-    from dmd2.distill import critic_loss, generator_input, generator_loss
-    from dmd2.models.roles import set_phase
-
-    g = torch.Generator().manual_seed(0)
-    x_t, tk = generator_input(rig.gen, rig.teacher.schedule, rig.timesteps, k, rig.shape, batch, g, True, rig.device)
-    set_phase(rig.guidance, "generator")
-    x = rig.gen(x_t, tk, batch.cond)
-    generator_loss(rig.guidance, x, batch, rig.loss_cfg, g)[0].backward()
-    set_phase(rig.guidance, "critic")
-    rig.guidance(critic_loss, x.detach(), batch, rig.loss_cfg, g)[0].backward()
 
 
 def rss_peak_reset() -> int:
@@ -321,7 +287,7 @@ def zero_state_counts(rig: Rig) -> dict[str, int]:
     """Trainable parameters vs the fp32 master elements ZeRO keeps for them, per engine: equal when
     frozen weights (teacher, LoRA base) get no fp32 copy or optimizer state."""
     out = {}
-    for name, eng in (("generator", rig.gen_engine), ("critic", rig.guidance_engine)):
+    for name, eng in (("generator", rig.gen_engine), ("critic", rig.critic_engine)):
         trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                         for p in eng.module.parameters() if p.requires_grad)
         opt = eng.optimizer

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .step import adamw
 
 
 def device() -> torch.device:
@@ -86,23 +87,6 @@ def ds_config(template: str | Path, *, batch_size: int, grad_clip: float, bf16: 
     return cfg
 
 
-def lr_factor(optim_cfg, updates: int):
-    """The LR multiplier after ``s`` optimizer updates: linear warmup, then constant or cosine decay
-    to ``min_lr_ratio`` at ``updates`` (the engine's updates in the whole run)."""
-    import math
-
-    warmup, floor = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
-
-    def factor(s: int) -> float:
-        f = min(1.0, (s + 1) / warmup) if warmup else 1.0
-        if optim_cfg.schedule == "cosine":
-            progress = min(1.0, max(0, s - warmup) / max(1, updates - warmup))
-            f *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return f
-
-    return factor
-
-
 def build_engine(module: torch.nn.Module, optim_cfg, config: dict, updates: int = 0):
     """A DeepSpeed engine for ``module`` whose trainable parameters get AdamW + linear warmup (and
     cosine decay over ``updates`` optimizer updates when the recipe asks for it).
@@ -112,13 +96,36 @@ def build_engine(module: torch.nn.Module, optim_cfg, config: dict, updates: int 
     """
     import deepspeed
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
-                            weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim_cfg, updates))
+    opt, sched = adamw([p for p in module.parameters() if p.requires_grad], optim_cfg, updates)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=config)
     _drop_idle_zero3_hooks(engine)
     return engine
+
+
+class EngineTrainee:
+    """``step.Trainee`` over a DeepSpeed engine. Its ZeRO optimizers skip an update whose global
+    gradient norm is not finite, on every rank, and ``was_step_applied`` reports it; the EMA of the
+    generator (``ema.ShardedEMA``) follows each applied update."""
+
+    def __init__(self, engine, ema=None):
+        self.engine, self.module, self.ema = engine, engine.module, ema
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+        return loss
+
+    def step(self) -> bool:
+        self.engine.step()
+        applied = self.engine.was_step_applied()
+        if applied and self.ema is not None:
+            self.ema.update()
+        return applied
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
 
 
 def _drop_idle_zero3_hooks(engine) -> int:

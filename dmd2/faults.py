@@ -18,6 +18,8 @@ import os
 import signal
 import time
 
+import torch
+
 _STEP: int | None = None
 _RANK = int(os.environ.get("RANK", "0"))
 
@@ -59,13 +61,41 @@ def point(name: str, step: int | None = None) -> None:
         time.sleep(3600)
 
 
-def poison_grad(name: str, x):
+def _poison_grad(name: str, x):
     """``x`` whose incoming gradient becomes NaN if a ``nan`` fault is armed for ``name``."""
-    if _armed("nan", name, None) and x.requires_grad:
+    if _armed("nan", name, None) and isinstance(x, torch.Tensor) and x.requires_grad:
         x.register_hook(lambda g: g * float("nan"))
     return x
 
 
-def poison(name: str, value):
+def _poison(name: str, value):
     """``value`` times NaN if a ``nan`` fault is armed for ``name`` at this step."""
     return value * float("nan") if _armed("nan", name, None) else value
+
+
+class _Faulty:
+    """A ``step.Trainee`` whose loss (``nan:<loss>``) or forward output's gradient (``nan:<grad>``)
+    becomes NaN at the armed steps; everything else passes through."""
+
+    def __init__(self, inner, loss: str, grad: str | None):
+        self.inner, self.module, self.loss, self.grad = inner, inner.module, loss, grad
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return _poison_grad(self.grad, out) if self.grad else out
+
+    def backward(self, loss):
+        return self.inner.backward(_poison(self.loss, loss))
+
+    def step(self) -> bool:
+        return self.inner.step()
+
+    def lr(self) -> float:
+        return self.inner.lr()
+
+
+def wrap(trainee, loss: str, grad: str | None = None):
+    """``trainee`` with ``nan`` faults for its loss named ``loss`` (and the gradient of its output,
+    ``grad``) when DMD2_FAULT arms any; the trainee itself otherwise."""
+    names = {loss, grad}
+    return _Faulty(trainee, loss, grad) if any(a == "nan" and p in names for a, p in _FAULTS) else trainee

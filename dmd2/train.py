@@ -13,14 +13,15 @@ import torch
 from . import checkpoint, engines, faults
 from .config import Recipe, recipe_to_yaml
 from .data import RealImages, batch_indices, load_prompts
-from .distill import Batch, critic_loss, generator_input, generator_loss
+from .distill import Batch
 from .ema import ShardedEMA
 from .errors import UserError
 from .files import sha256_file
 from .logs import RunLogger
 from .models import Conditioner, cond_to, load_teacher
-from .models.roles import build_roles, set_phase
+from .models.roles import build_roles
 from .sampling import Noise, sample
+from .step import to_floats, train_step
 
 # Recipe fields that may change when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.resume_from",
@@ -175,11 +176,6 @@ class Setup:
         return self.cond.encode_labels(torch.arange(n) % self.teacher.num_classes)
 
 
-def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Scalar tensors to floats with one device-to-host copy (one sync), not one per loss."""
-    return dict(zip(logs, torch.stack([v.float() for v in logs.values()]).tolist(), strict=True))
-
-
 class TrainingStopped(Exception):
     """Training cannot go on (non-finite values, a lost rank); str(e) is one line. Exit status 1."""
 
@@ -237,8 +233,9 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     gen_updates = -(-t.max_steps // t.update_ratio)  # the generator steps when step % update_ratio == 0
     gen_engine = engines.build_engine(generator, recipe.optim.generator, ds["generator"], gen_updates)
     guidance_engine = engines.build_engine(guidance, recipe.optim.critic, ds["critic"], t.max_steps)
-    guide = guidance_engine.module  # the generator phase calls the module, never the engine (Trap 1)
     ema = ShardedEMA(gen_engine, t.ema_decay) if t.ema_decay > 0 else None
+    gen = faults.wrap(engines.EngineTrainee(gen_engine, ema), "loss_generator", "grad_generator")
+    critic = faults.wrap(engines.EngineTrainee(guidance_engine), "loss_critic")
 
     # Resume from the newest committed checkpoint that verifies (or the one asked for).
     ckpt, warnings = checkpoint.resolve_resume(run_dir, t.resume_from, rank, world)
@@ -282,45 +279,17 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         torch.manual_seed(seed_for(t.seed, rank, step, 1))
         k = int(np.random.default_rng([t.seed, step]).integers(K)) if K > 1 else 0
         batch = s.batch(step, g)
-        x_t, tk = generator_input(gen_engine.module, schedule, s.timesteps, k, s.shape, batch, g,
-                                  recipe.generator.backward_simulation, s.device)
         faults.point("step_begin")
-
-        # Generator phase (two time-scale rule: every update_ratio steps), critic frozen.
-        # A NaN/Inf loss or gradient gives a non-finite global grad norm, on which DeepSpeed's
-        # ZeRO optimizers skip the update on every rank; was_step_applied() reports it.
-        metrics: dict[str, float] = {"k": k}
-        applied = True
-        if step % t.update_ratio == 0:
-            set_phase(guide, "generator")
-            x = faults.poison_grad("grad_generator", gen_engine(x_t, tk, batch.cond))
-            loss_g, logs_g = generator_loss(guide, x, batch, recipe.loss, g)
-            loss_g = logs_g["loss_generator"] = faults.poison("loss_generator", loss_g)
-            gen_engine.backward(loss_g)
-            gen_engine.step()
-            gen_applied = gen_engine.was_step_applied()
-            applied &= gen_applied
-            if ema is not None and gen_applied:
-                ema.update()
-            set_phase(guide, "critic")
-            metrics.update(_floats(logs_g))
-        else:
-            with torch.no_grad():
-                x = gen_engine.module(x_t, tk, batch.cond)
-
-        # Critic phase, every step, on this step's (pre-update) generator sample.
-        loss_c, logs_c = guidance_engine(critic_loss, x.detach(), batch, recipe.loss, g)
-        loss_c = logs_c["loss_critic"] = faults.poison("loss_critic", loss_c)
-        guidance_engine.backward(loss_c)
-        guidance_engine.step()
-        applied &= guidance_engine.was_step_applied()
-        metrics.update(_floats(logs_c))
+        metrics, applied = train_step(gen, critic, batch, k=k, timesteps=s.timesteps, shape=s.shape, loss_cfg=recipe.loss,
+                                      backward_simulation=recipe.generator.backward_simulation,
+                                      generator_turn=step % t.update_ratio == 0, rng=g, device=s.device)
+        metrics = {"k": k, **to_floats(metrics)}
         faults.point("step_end")
 
         dt = time.perf_counter() - tic
         step_times.append(dt)
-        metrics["lr_generator"] = gen_engine.get_lr()[0]
-        metrics["lr_critic"] = guidance_engine.get_lr()[0]
+        metrics["lr_generator"] = gen.lr()
+        metrics["lr_critic"] = critic.lr()
         metrics["step_time_s"] = dt
         metrics["skipped"] = int(not applied)
         log.log(done, metrics, images_per_s=t.batch_size * world / dt)
@@ -337,7 +306,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         # Preview grid (every rank samples: ZeRO-3 gathers are collective).
         if recipe.logging.preview_every and done % recipe.logging.preview_every == 0:
             n = recipe.logging.preview_images
-            images = sample(gen_engine.module, schedule, s.preview_cond(n), (n, *s.shape[1:]), s.timesteps,
+            images = sample(gen.module, schedule, s.preview_cond(n), (n, *s.shape[1:]), s.timesteps,
                             Noise.per_sample(range(n), s.device))
             log.preview(done, s.decode(images))
 

@@ -106,12 +106,42 @@ def _gathered(module, prefix=""):
         return torch.cat([p.detach().flatten().clone() for p in params])
 
 
+class _Recording:
+    """The engine's ``step.Trainee``, recording full gradients (of its module and of ``also``) just
+    before each update and the loss it back-propagated."""
+
+    def __init__(self, engine, also=None):
+        from dmd2.engines import EngineTrainee
+
+        self.inner, self.module, self.also = EngineTrainee(engine), engine.module, also
+        self.grads = self.also_grads = self.loss = None
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def backward(self, loss):
+        self.loss = loss.item()
+        return self.inner.backward(loss)
+
+    def step(self):
+        self.grads = _full_grads(self.module)
+        self.also_grads = _full_grads(self.also) if self.also is not None else None
+        return self.inner.step()
+
+    def lr(self):
+        return self.inner.lr()
+
+
 def test_engines_match_plain_pytorch(rig):
-    """Three iterations of (generator phase, critic phase) through the engines, as train.py runs
-    them; at every phase the gradients equal plain autograd on the same weights, so nothing stale
-    accumulates (Trap 1) and the critic never receives the generator's gradients (Trap 2)."""
+    """Three iterations of (generator step, critic step) through the engines with dmd2.step's
+    functions, as train.py runs them; at every phase the gradients equal plain autograd on the same
+    weights, so nothing stale accumulates (calling the critic's engine in the generator phase would)
+    and the critic never receives the generator's gradients."""
+    from dmd2.step import critic_step, generator_step
+
     gen_engine, guidance_engine, batch = rig["gen_engine"], rig["guidance_engine"], rig["batch"]
     guide = guidance_engine.module
+    gen, critic = _Recording(gen_engine, also=guide), _Recording(guidance_engine)
     ref_gen, ref_guidance = rig["ref_gen"], rig["ref_guidance"]
     teacher0 = torch.cat([p.detach().flatten().clone() for n, p in ref_guidance.named_parameters()
                           if n.startswith("teacher.")])
@@ -119,35 +149,28 @@ def test_engines_match_plain_pytorch(rig):
     for _ in range(3):
         _sync(ref_gen, gen_engine.module)
         _sync(ref_guidance, guide)
-        # generator phase: engine forward of the generator, guidance *module* with the critic frozen
-        set_phase(guide, "generator")
-        x = gen_engine(rig["x_t"], rig["t"], batch.cond)
-        loss, _ = generator_loss(guide, x, batch, _loss_cfg(), _gen())
-        gen_engine.backward(loss)
-        gen_grads, guid_grads = _full_grads(gen_engine.module), _full_grads(guide)
+        # generator step: engine forward of the generator, the critic's *module* with the critic frozen
+        x, _, applied = generator_step(gen, critic, rig["x_t"], rig["t"], batch, _loss_cfg(), _gen())
+        assert applied
         set_phase(ref_guidance, "generator")
         x_ref = ref_gen(rig["x_t"], rig["t"], batch.cond)
         ref_loss, _ = generator_loss(ref_guidance, x_ref, batch, _loss_cfg(), _gen())
-        ref_loss.backward()
-        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
-        _assert_grads_match(gen_grads, ref_gen, list(gen_grads))
-        assert all(gr is None or gr.abs().sum() == 0 for gr in guid_grads.values()), "critic got generator gradients"
-        gen_engine.step()
-        set_phase(guide, "critic")
+        ref_loss.backward()  # the plain-autograd reference
         set_phase(ref_guidance, "critic")
+        assert gen.loss == pytest.approx(ref_loss.item(), rel=1e-5)
+        _assert_grads_match(gen.grads, ref_gen, list(gen.grads))
+        assert all(gr is None or gr.abs().sum() == 0 for gr in gen.also_grads.values()), "critic got generator gradients"
 
-        # critic phase through the guidance engine, on the pre-update generator sample
-        closs, _ = guidance_engine(critic_loss, x.detach(), batch, _loss_cfg(), _gen())
-        guidance_engine.backward(closs)
-        crit_grads = _full_grads(guide)
+        # critic step through the critic's engine, on the pre-update generator sample
+        _, applied = critic_step(critic, x, batch, _loss_cfg(), _gen())
+        assert applied
         ref_closs, _ = critic_loss(ref_guidance, x_ref.detach(), batch, _loss_cfg(), _gen())
         ref_closs.backward()
-        assert closs.item() == pytest.approx(ref_closs.item(), rel=1e-5)
+        assert critic.loss == pytest.approx(ref_closs.item(), rel=1e-5)
         trainable = [n for n, p in guide.named_parameters() if p.requires_grad]
         assert trainable and not any(n.startswith("teacher.") for n in trainable)
-        _assert_grads_match(crit_grads, ref_guidance, trainable)
-        assert all(g is None for n, g in crit_grads.items() if n.startswith("teacher."))
-        guidance_engine.step()
+        _assert_grads_match(critic.grads, ref_guidance, trainable)
+        assert all(g is None for n, g in critic.grads.items() if n.startswith("teacher."))
 
     # the teacher is unchanged; generator and fake score moved
     assert torch.equal(_gathered(guide, "teacher."), teacher0)

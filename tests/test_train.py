@@ -74,7 +74,7 @@ def test_missing_teacher_is_one_line_exit_2(tmp_path):
 
 def test_lr_schedule_warmup_then_cosine_to_the_floor():
     from dmd2.config import OptimizerConfig
-    from dmd2.engines import lr_factor
+    from dmd2.step import lr_factor
 
     const = lr_factor(OptimizerConfig(warmup_steps=4), 100)
     assert [const(s) for s in (0, 1, 3, 50, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]

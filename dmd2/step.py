@@ -1,0 +1,137 @@
+"""One DMD2 training iteration, defined once: ``generator_step``, ``critic_step`` and ``train_step``.
+
+They drive two trainable modules through a small optimizer interface (``Trainee``: forward,
+backward, step, lr). ``engines.EngineTrainee`` implements it with a DeepSpeed engine,
+``TorchTrainee`` below with plain PyTorch and AdamW; the training loop, the benchmarks (the
+meta-device FLOP count included) and the engine tests all call these functions, so none of them
+drives ``backward``/``step`` by hand. Fault injection (``faults.wrap``) and the generator's EMA
+(``EngineTrainee(ema=...)``) sit behind the same interface instead of inside the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .distill import Batch, critic_loss, generator_input, generator_loss
+from .models.roles import set_phase
+
+
+class Trainee(Protocol):
+    """A trainable module and its optimizer."""
+
+    module: nn.Module  # the plain module (the generator phase calls the critic's, never its engine)
+
+    def __call__(self, *args, **kwargs):
+        """Forward through whatever bookkeeping the optimizer needs (a DeepSpeed engine's forward)."""
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Back-propagate ``loss``; returns the loss that was back-propagated (what gets logged)."""
+
+    def step(self) -> bool:
+        """Apply the update; False when it was skipped (a non-finite gradient norm)."""
+
+    def lr(self) -> float: ...
+
+
+def lr_factor(optim_cfg, updates: int):
+    """The LR multiplier after ``s`` optimizer updates: linear warmup, then constant or cosine decay
+    to ``min_lr_ratio`` at ``updates`` (the trainee's updates in the whole run)."""
+    warmup, floor = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
+
+    def factor(s: int) -> float:
+        f = min(1.0, (s + 1) / warmup) if warmup else 1.0
+        if optim_cfg.schedule == "cosine":
+            progress = min(1.0, max(0, s - warmup) / max(1, updates - warmup))
+            f *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return f
+
+    return factor
+
+
+def adamw(params: list[nn.Parameter], optim_cfg, updates: int = 0):
+    """AdamW with the recipe's settings and LR schedule (what both implementations use)."""
+    opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                            weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim_cfg, updates))
+
+
+class TorchTrainee:
+    """Plain PyTorch: AdamW, gradient-norm clipping, and the same non-finite skip as DeepSpeed's
+    ZeRO optimizers (a NaN/Inf global norm skips the update)."""
+
+    def __init__(self, module: nn.Module, optim_cfg, updates: int = 0):
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.grad_clip = optim_cfg.grad_clip
+        self.opt, self.sched = adamw(self.params, optim_cfg, updates)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss):
+        loss.backward()
+        return loss
+
+    def step(self) -> bool:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.opt.step()
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return applied
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+
+def to_floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors to floats with one device-to-host copy (one sync), not one per loss."""
+    if not logs:
+        return {}
+    return dict(zip(logs, torch.stack([v.float() for v in logs.values()]).tolist(), strict=True))
+
+
+def generator_step(gen: Trainee, critic: Trainee, x_t, t, batch: Batch, loss_cfg, rng: torch.Generator):
+    """The generator's update (docs/algorithm.md §4, §6) with the critic frozen; returns its sample
+    ``x`` (which the critic then trains on), its losses and whether the update was applied."""
+    module = critic.module  # calling the critic's engine here would corrupt its next backward
+    set_phase(module, "generator")
+    try:
+        x = gen(x_t, t, batch.cond)
+        loss, logs = generator_loss(module, x, batch, loss_cfg, rng)
+        logs["loss_generator"] = gen.backward(loss).detach()
+        applied = gen.step()
+    finally:
+        set_phase(module, "critic")
+    return x, logs, applied
+
+
+def critic_step(critic: Trainee, x: torch.Tensor, batch: Batch, loss_cfg, rng: torch.Generator):
+    """The critic's update (fake score §5 + GAN discriminator §6) on detached generator samples,
+    through the critic's forward so its optimizer's bookkeeping sees it."""
+    loss, logs = critic(critic_loss, x.detach(), batch, loss_cfg, rng)
+    logs["loss_critic"] = critic.backward(loss).detach()
+    return logs, critic.step()
+
+
+def train_step(gen: Trainee, critic: Trainee, batch: Batch, *, k: int, timesteps: list[int], shape, loss_cfg,
+               backward_simulation: bool, generator_turn: bool, rng: torch.Generator, device):
+    """One iteration (§7): the generator's training input at sampler step ``k`` (§3), the generator's
+    update when it is its turn (two time-scale rule), then the critic's update on this iteration's
+    pre-update generator sample. Returns (losses as 0-d tensors, whether every update was applied);
+    ``to_floats`` brings them to the host in one copy."""
+    schedule = gen.module.schedule
+    x_t, t = generator_input(gen.module, schedule, timesteps, k, shape, batch, rng, backward_simulation, device)
+    logs, applied = {}, True
+    if generator_turn:
+        x, logs, applied = generator_step(gen, critic, x_t, t, batch, loss_cfg, rng)
+    else:
+        with torch.no_grad():
+            x = gen.module(x_t, t, batch.cond)
+    logs_c, critic_applied = critic_step(critic, x, batch, loss_cfg, rng)
+    return {**logs, **logs_c}, applied and critic_applied
