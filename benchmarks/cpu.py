@@ -62,8 +62,10 @@ def bench_sampler(res: Results, rounds: int) -> None:
     at K = 4 steps, and vs the teacher's own 50-step sampling (diffusers, CFG 1.75)."""
     from dmd2.config import Recipe
     from dmd2.export import distilled_scheduler
-    from dmd2.generate import Generator, diffusers_pipeline, draw, teacher_draw
+    from dmd2.generate import draw, teacher_draw
     from dmd2.models import load_teacher
+    from dmd2.models.pipelines import diffusers_pipeline
+    from dmd2.models.student import Student
 
     print("sampler: tiny SD1.5, 4 images per batch, K=4 vs diffusers LCM pipeline and teacher 50 steps", flush=True)
     src = tiny_teacher("sd15")
@@ -71,7 +73,7 @@ def bench_sampler(res: Results, rounds: int) -> None:
     ts, n = [999, 749, 499, 249], 4
     recipe = Recipe.model_validate({"output_dir": "x", "model": {"teacher": str(src)}, "train": {"max_steps": 1},
                                     "generator": {"num_steps": len(ts), "timesteps": ts}})
-    gen = Generator(parts, recipe, None, str(src), "cpu")
+    gen = Student(parts, recipe, None, str(src), "cpu")
     pipe = diffusers_pipeline(parts, distilled_scheduler(parts.scheduler_config, ts))
     seeds = list(range(n))
 

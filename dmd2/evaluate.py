@@ -36,13 +36,12 @@ from .generate import (
     conditions,
     dist_env,
     draw,
-    load_generator,
     load_images,
     save_images,
     teacher_draw,
-    teacher_of,
     teacher_timesteps,
 )
+from .models.student import load_student, teacher_of
 
 # clean-fid downloads its Inception here (features.py); nothing else is fetched by this module.
 INCEPTION = Path("/tmp") / "inception-2015-12-05.pt"
@@ -299,7 +298,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     device = device or default_device()
     prompts = load_prompts(prompts_file, "--prompts-file") if prompts_file else ()
 
-    gen = load_generator(source, device)
+    gen = load_student(source, device)
     if clip and not gen.cond.text:
         raise UserError("--clip: CLIP score needs a text-to-image model")
     ts = choose_timesteps(gen.timesteps, steps, timesteps)
@@ -362,7 +361,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         if rank == 0:
             metrics += score(folder, "teacher/")
         sampler = (teacher.scheduler_config["_class_name"] if teacher.family != "classcond" else
-                   f"dmd2.generate.ode_sample ({'Euler' if teacher.schedule.kind == 'edm' else 'DDIM'})")
+                   f"dmd2.sampling.sample, deterministic ({'Euler' if teacher.schedule.kind == 'edm' else 'DDIM'})")
         report["teacher"] = {"source": recipe.model.teacher, "steps": teacher_steps, "sampler": sampler,
                              "cfg_scale": cfg if teacher.family != "classcond" else None}
     report["seconds"] = round(time.time() - t0, 3)

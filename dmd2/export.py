@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .generate import EXPORT_META, Generator, diffusers_pipeline, is_export, load_generator
+from .models.pipelines import diffusers_pipeline
+from .models.student import Student, export_metadata, is_export, load_student, write_export_meta
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "dmd2_lora_kohya.safetensors"}
@@ -45,21 +46,6 @@ def distilled_scheduler(scheduler_config: dict, timesteps: list[int]):
                         thresholding=False, steps_offset=1)
 
 
-def _metadata(gen: Generator, **extra) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("dmd2")
-    except PackageNotFoundError:
-        v = "unknown"
-    return {
-        "dmd2_version": v, "source": str(Path(gen.source).resolve()), "step": gen.step, "family": gen.family,
-        "resolution": gen.resolution, "timesteps": gen.timesteps,
-        "schedule": {"kind": gen.schedule.kind, "prediction_type": gen.schedule.prediction_type},
-        "teacher": gen.recipe.model.teacher, **extra, "recipe": gen.recipe.model_dump(mode="json"),
-    }
-
-
 def _stamp(files, meta: dict) -> None:
     """Add the dmd2 record to safetensors headers (keeping what is there, e.g. format=pt)."""
     from safetensors import safe_open
@@ -71,7 +57,7 @@ def _stamp(files, meta: dict) -> None:
         save_file(load_file(str(f)), str(f), metadata={**old, "dmd2": json.dumps(meta)})
 
 
-def _usage(gen: Generator, pipeline: bool) -> str:
+def _usage(gen: Student, pipeline: bool) -> str:
     K = len(gen.timesteps)
     if gen.family == "classcond":
         return ("x = sigma_or_1(t0) * randn; for each t in timesteps: x0 = x0-prediction of unet/ with scheduler/'s "
@@ -103,7 +89,7 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "diffusers", pipeline
     if is_export(run):
         raise UserError(f"{run}: is already an export; dmd2 export reads a run folder")
 
-    gen = load_generator(run, "cpu", merge_lora=fmt != "lora")
+    gen = load_student(run, "cpu", merge_lora=fmt != "lora")
     lora = gen.recipe.model.lora.enabled
     if fmt == "lora" and not lora:
         raise UserError(f"--format lora: {run} trained full weights, not a LoRA; use --format diffusers")
@@ -125,10 +111,10 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "diffusers", pipeline
     return out
 
 
-def _export_diffusers(gen: Generator, out: Path, dtype: str, pipeline: bool, merged: bool) -> None:
+def _export_diffusers(gen: Student, out: Path, dtype: str, pipeline: bool, merged: bool) -> None:
     parts = gen.parts
     complete = pipeline or gen.family == "classcond"
-    meta = _metadata(gen, format="diffusers", weights="unet", complete=complete, pipeline=pipeline, dtype=dtype,
+    meta = export_metadata(gen, format="diffusers", weights="unet", complete=complete, pipeline=pipeline, dtype=dtype,
                      merged_lora=merged, usage=_usage(gen, pipeline))
     torch_dtype = DTYPES[dtype]
     if pipeline:
@@ -144,7 +130,7 @@ def _export_diffusers(gen: Generator, out: Path, dtype: str, pipeline: bool, mer
             if parts.vae is not None:
                 parts.vae.to(torch_dtype).save_pretrained(out / "vae", safe_serialization=True)
     _stamp(sorted((out / "unet").glob("*.safetensors")), meta)
-    (out / EXPORT_META).write_text(json.dumps(meta, indent=1))
+    write_export_meta(out, meta)
 
 
 def lora_state_dict(unet: torch.nn.Module, scale: float, style: str) -> dict[str, torch.Tensor]:
@@ -166,15 +152,15 @@ def lora_state_dict(unet: torch.nn.Module, scale: float, style: str) -> dict[str
     return out
 
 
-def _export_lora(gen: Generator, out: Path, dtype: str, style: str) -> None:
+def _export_lora(gen: Student, out: Path, dtype: str, style: str) -> None:
     from safetensors.torch import save_file
 
     cfg = gen.recipe.model.lora
     name = LORA_FILES[style]
-    meta = _metadata(gen, format="lora", weights=name, lora_style=style, lora_rank=cfg.rank, lora_alpha=cfg.alpha,
+    meta = export_metadata(gen, format="lora", weights=name, lora_style=style, lora_rank=cfg.rank, lora_alpha=cfg.alpha,
                      complete=False, dtype=dtype,
                      usage=f"pipe = <{gen.family} pipeline of the teacher>; pipe.scheduler = LCMScheduler(...); "
                            f"pipe.load_lora_weights(folder); pipe(prompt, timesteps={gen.timesteps}, guidance_scale=0)")
     tensors = {k: v.to(DTYPES[dtype]) for k, v in lora_state_dict(gen.parts.unet, cfg.alpha / cfg.rank, style).items()}
     save_file(tensors, str(out / name), metadata={"format": "pt", "dmd2": json.dumps(meta)})
-    (out / EXPORT_META).write_text(json.dumps(meta, indent=1))
+    write_export_meta(out, meta)

@@ -1,4 +1,4 @@
-"""The one few-step sampler (DMD2_ALGORITHM.md §3), used by backward simulation, previews,
+"""The one sampler (docs/algorithm.md §3), used by backward simulation, previews,
 ``dmd2 sample``, eval and serve.
 
 Noise comes from a ``Noise`` source so that training draws one stream per (seed, rank, step)
@@ -41,6 +41,13 @@ def timestep_batch(t: int, batch: int, device) -> torch.Tensor:
     return torch.full((batch,), int(t), dtype=torch.long, device=device)
 
 
+def implied_noise(schedule, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The eps with x_t = a_t x0 + s_t eps, for both parameterisations (add_noise is linear in
+    (x0, eps), so a_t x0 and s_t come from it)."""
+    zero = torch.zeros_like(x0)
+    return (x_t - schedule.add_noise(x0, zero, t)) / schedule.add_noise(zero, torch.ones_like(x0), t)
+
+
 @torch.no_grad()
 def sample(
     denoise: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor],
@@ -49,16 +56,21 @@ def sample(
     shape: Sequence[int],
     timesteps: Sequence[int],
     noise: Noise,
+    *,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Start from pure noise at timesteps[0]; at each step predict x0, then re-noise it to the
     next timestep with *fresh* noise (correlated noise causes artifacts); return the last x0.
-    No CFG: it is distilled into the generator."""
+    No CFG: it is distilled into the generator.
+
+    ``deterministic``: re-noise with the noise implied by the x0 prediction instead, which makes
+    this the teacher's own ODE sampler (DDIM for DDPM schedules, Euler for EDM), for eval."""
     x = pure_noise(schedule, noise, shape, timesteps[0])
     x0 = x
     for i, t in enumerate(timesteps):
         tt = timestep_batch(t, shape[0], x.device)
         x0 = denoise(x, tt, cond)
         if i + 1 < len(timesteps):
-            nxt = timestep_batch(timesteps[i + 1], shape[0], x.device)
-            x = schedule.add_noise(x0, noise(shape), nxt)
+            eps = implied_noise(schedule, x, x0, tt) if deterministic else noise(shape)
+            x = schedule.add_noise(x0, eps, timestep_batch(timesteps[i + 1], shape[0], x.device))
     return x0

@@ -1,6 +1,6 @@
 """``dmd2 serve``: a web page (Gradio) over one loaded generator, for trying prompts interactively.
 
-The generator is loaded once by the project's loader (``generate.load_generator``) and every
+The generator is loaded once by the project's loader (``models.student.load_student``) and every
 request draws through ``generate.draw``, the function ``dmd2 sample`` uses, with the same seeds
 (image i from seed + i) and batch size, so a page's images are ``dmd2 sample``'s images. The page
 only adds timing and, where ``--tiny-vae`` is given, a choice of decoder.
@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .generate import Generator, choose_timesteps, conditions, decode, draw, load_generator
+from .generate import choose_timesteps, conditions, draw
 from .logs import to_uint8_images
+from .models import vae as vae_io
+from .models.student import Student, load_student
 from .schedule import T
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,9 +57,9 @@ class Drawn:
 class _TimedDecode:
     """``gen`` as ``draw`` sees it, except that decoding goes through ``vae`` and is timed.
 
-    With the generator's own VAE this decodes exactly as ``Generator.decode`` does."""
+    With the generator's own VAE this decodes exactly as ``Student.decode`` does."""
 
-    def __init__(self, gen: Generator, vae):
+    def __init__(self, gen: Student, vae):
         self._gen, self._vae, self.seconds = gen, vae, 0.0
 
     def __getattr__(self, name):
@@ -66,7 +68,7 @@ class _TimedDecode:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         _sync(x.device)
         start = time.perf_counter()
-        out = decode(self._vae, x)
+        out = vae_io.decode(self._vae, x)
         _sync(out.device)
         self.seconds += time.perf_counter() - start
         return out
@@ -80,7 +82,7 @@ def _sync(device: torch.device) -> None:
 class Demo:
     """A loaded generator and the requests the page makes of it."""
 
-    def __init__(self, gen: Generator, *, precision: str = "fp32", tiny_vae=None, max_images: int = 8):
+    def __init__(self, gen: Student, *, precision: str = "fp32", tiny_vae=None, max_images: int = 8):
         self.gen, self.precision, self.tiny_vae, self.max_images = gen, precision, tiny_vae, max_images
 
     @property
@@ -168,11 +170,11 @@ def load_demo(source: str | Path, *, precision: str = "fp32", tiny_vae: str | No
 
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    gen = load_generator(source, device or default_device())
+    gen = load_student(source, device or default_device())
     return make_demo(gen, precision=precision, tiny_vae=tiny_vae, max_images=max_images)
 
 
-def make_demo(gen: Generator, *, precision: str = "fp32", tiny_vae: str | None = None, max_images: int = 8) -> Demo:
+def make_demo(gen: Student, *, precision: str = "fp32", tiny_vae: str | None = None, max_images: int = 8) -> Demo:
     """Cast ``gen`` (in place) to ``precision``, load the tiny VAE, warm up."""
     dtype = PRECISIONS[precision]
     if dtype != torch.float32:  # the loader gives float32
@@ -187,7 +189,7 @@ def make_demo(gen: Generator, *, precision: str = "fp32", tiny_vae: str | None =
     return demo
 
 
-def _load_tiny_vae(path: str, gen: Generator, dtype: torch.dtype):
+def _load_tiny_vae(path: str, gen: Student, dtype: torch.dtype):
     from diffusers import AutoencoderTiny
 
     if gen.vae is None:

@@ -18,7 +18,7 @@ from .ema import ShardedEMA
 from .errors import UserError
 from .files import sha256_file
 from .logs import RunLogger
-from .models import Conditioner, cond_to, load_teacher
+from .models import Conditioner, cond_to, load_teacher, vae
 from .models.roles import build_roles
 from .sampling import Noise, sample
 from .step import to_floats, train_step
@@ -119,22 +119,12 @@ class Setup:
             self.real.bad = set(c.bad)
         return c
 
-    @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] -> the generator's space (scaled VAE latents, or pixels)."""
-        images = images.to(self.device)
-        if self.vae is None:
-            return images
-        lat = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((lat - shift) * self.vae.config.scaling_factor).float()
+        return vae.encode(self.vae, images.to(self.device))
 
-    @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return x.float()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return self.vae.decode((x / self.vae.config.scaling_factor + shift).to(self.vae.dtype)).sample.float()
+        return vae.decode(self.vae, x)
 
     def batch(self, step: int, g: torch.Generator) -> Batch:
         """This rank's batch at ``step``: a pure function of (seed, step, rank)."""

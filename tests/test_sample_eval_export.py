@@ -148,7 +148,8 @@ def _gens(seeds):
 
 def test_sample_cli_and_per_sample_seeds(sd15_run, tmp_path):
     """PNGs + grid + images.jsonl; image i depends on seed + i only, not on the batch size."""
-    from dmd2.generate import load_generator, sample_to_folder
+    from dmd2.generate import sample_to_folder
+    from dmd2.models.student import load_student
 
     out = tmp_path / "cli"
     res = run_cli("sample", sd15_run, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num-images", 5,
@@ -163,7 +164,7 @@ def test_sample_cli_and_per_sample_seeds(sd15_run, tmp_path):
     one = sample_to_folder(sd15_run, tmp_path / "b5", prompts=PROMPTS[:2], num_images=5, batch_size=5, seed=7)
     for i in range(5):
         assert np.abs(_png(out, i) - _png(one, i)).max() <= 1
-    gen = load_generator(sd15_run)
+    gen = load_student(sd15_run)
     conds = [PROMPTS[i % 2] for i in range(5)]
     x1, x5 = _images(gen, conds, range(7, 12), 1), _images(gen, conds, range(7, 12), 5)
     assert (x1 - x5).abs().max() < IMAGE_TOL
@@ -208,7 +209,7 @@ def test_export_pipeline_runs_in_plain_diffusers_and_matches_sample(sd15_run, tm
     from diffusers import DiffusionPipeline, LCMScheduler
     from safetensors import safe_open
 
-    from dmd2.generate import load_generator
+    from dmd2.models.student import load_student
 
     out = tmp_path / "pipe"
     run_cli("export", sd15_run, "--pipeline", "--out", out)
@@ -222,12 +223,12 @@ def test_export_pipeline_runs_in_plain_diffusers_and_matches_sample(sd15_run, tm
     pipe = DiffusionPipeline.from_pretrained(out)  # plain diffusers, no dmd2 code
     assert isinstance(pipe.scheduler, LCMScheduler)
     seeds = [3, 4, 5]
-    ref = _images(load_generator(sd15_run), PROMPTS, seeds, 3)
+    ref = _images(load_student(sd15_run), PROMPTS, seeds, 3)
     for kw in ({"timesteps": [999, 499]}, {}):  # original_inference_steps=2 gives [999, 499] by itself
         got = pipe(PROMPTS, num_inference_steps=2, guidance_scale=0, generator=_gens(seeds), output_type="pt", **kw)
         assert (got.images * 2 - 1 - ref).abs().max() < IMAGE_TOL
     # dmd2 reads the export too, and draws the same images
-    assert (_images(load_generator(out), PROMPTS, seeds, 3) - ref).abs().max() < IMAGE_TOL
+    assert (_images(load_student(out), PROMPTS, seeds, 3) - ref).abs().max() < IMAGE_TOL
 
 
 def test_export_unet_fp16(sd15_run, tmp_path):
@@ -235,7 +236,7 @@ def test_export_unet_fp16(sd15_run, tmp_path):
     from safetensors.torch import load_file
 
     from dmd2.export import export
-    from dmd2.generate import load_generator
+    from dmd2.models.student import load_student
 
     out = tmp_path / "unet16"
     export(sd15_run, out, dtype="fp16")
@@ -243,8 +244,8 @@ def test_export_unet_fp16(sd15_run, tmp_path):
     weights = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.float16}
     UNet2DConditionModel.from_pretrained(out / "unet")  # loads in plain diffusers
-    gen = load_generator(out)  # the rest comes from the run's teacher; sampled in fp32
-    ref = _images(load_generator(sd15_run), PROMPTS[:1], [0], 1)
+    gen = load_student(out)  # the rest comes from the run's teacher; sampled in fp32
+    ref = _images(load_student(sd15_run), PROMPTS[:1], [0], 1)
     assert 0 < (_images(gen, PROMPTS[:1], [0], 1) - ref).abs().max() < 1e-2
 
 
@@ -254,7 +255,7 @@ def test_lora_export_loads_in_diffusers_and_changes_its_output(lora_run, tiny_te
 
     from dmd2.errors import UserError
     from dmd2.export import distilled_scheduler, export
-    from dmd2.generate import load_generator
+    from dmd2.models.student import load_student
 
     export(lora_run, tmp_path / "lora", fmt="lora")
     export(lora_run, tmp_path / "kohya", fmt="lora", lora_style="kohya")
@@ -266,7 +267,7 @@ def test_lora_export_loads_in_diffusers_and_changes_its_output(lora_run, tiny_te
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in kohya_keys
 
     seeds = [1, 2, 3]
-    ref = _images(load_generator(lora_run), PROMPTS, seeds, 3)
+    ref = _images(load_student(lora_run), PROMPTS, seeds, 3)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher("sd15"))
     pipe.scheduler = distilled_scheduler(pipe.scheduler.config, [999])
 
@@ -281,7 +282,7 @@ def test_lora_export_loads_in_diffusers_and_changes_its_output(lora_run, tiny_te
         pipe.unload_lora_weights()
     # dmd2 reads all three exports back as the same generator
     for folder in ("lora", "kohya", "merged"):
-        assert (_images(load_generator(tmp_path / folder), PROMPTS, seeds, 3) - ref).abs().max() < IMAGE_TOL
+        assert (_images(load_student(tmp_path / folder), PROMPTS, seeds, 3) - ref).abs().max() < IMAGE_TOL
     with pytest.raises(UserError, match="is a LoRA run: --format lora writes the adapter, --merge-lora"):
         export(lora_run, tmp_path / "x")
 
@@ -379,20 +380,13 @@ def test_classcond_labels_teacher_and_export(classcond_run, tmp_path):
     from dmd2.errors import UserError
     from dmd2.evaluate import evaluate
     from dmd2.export import export
-    from dmd2.generate import (
-        conditions,
-        generate_images,
-        load_generator,
-        ode_sample,
-        teacher_draw,
-        teacher_images,
-        teacher_of,
-    )
+    from dmd2.generate import conditions, generate_images, teacher_draw, teacher_images
     from dmd2.logs import to_uint8_images
     from dmd2.models import Conditioner, Denoiser
-    from dmd2.sampling import Noise
+    from dmd2.models.student import load_student, teacher_of
+    from dmd2.sampling import Noise, sample
 
-    gen = load_generator(classcond_run)
+    gen = load_student(classcond_run)
     assert conditions(gen, labels=[3], num_images=2) == [3, 3]
     assert conditions(gen, num_images=12) == list(range(10)) + [0, 1]
     with pytest.raises(UserError, match="out of range; the model has 10 classes"):
@@ -407,8 +401,8 @@ def test_classcond_labels_teacher_and_export(classcond_run, tmp_path):
     cond = Conditioner(teacher, 16).encode_labels(torch.tensor([0, 1]))
     den = Denoiser(teacher.unet, teacher.schedule)
     calls = []
-    one = ode_sample(lambda *a: calls.append(1) or den(*a), teacher.schedule, cond, (2, 3, 16, 16), [999],
-                     Noise.per_sample([0, 1]))
+    one = sample(lambda *a: calls.append(1) or den(*a), teacher.schedule, cond, (2, 3, 16, 16), [999],
+                 Noise.per_sample([0, 1]), deterministic=True)
     assert len(calls) == 1
     x0 = den(Noise.per_sample([0, 1])((2, 3, 16, 16)), torch.full((2,), 999), cond)
     assert torch.allclose(one, x0)
@@ -422,11 +416,11 @@ def test_classcond_labels_teacher_and_export(classcond_run, tmp_path):
     report = evaluate(classcond_run, num_images=4, images_dir=tmp_path / "ev", teacher_steps=2,
                       extra_metrics={"brightness": lambda images, conds: images.float().mean() / 255})
     assert [m["name"] for m in report["metrics"]] == ["brightness", "teacher/brightness"]
-    assert report["teacher"]["sampler"] == "dmd2.generate.ode_sample (DDIM)"
+    assert report["teacher"]["sampler"] == "dmd2.sampling.sample, deterministic (DDIM)"
 
     export(classcond_run, tmp_path / "cc")
     assert sorted(p.name for p in (tmp_path / "cc").iterdir()) == ["dmd2.json", "scheduler", "unet"]
-    assert (_images(load_generator(tmp_path / "cc"), [0, 1], [0, 1], 2) - x).abs().max() < IMAGE_TOL
+    assert (_images(load_student(tmp_path / "cc"), [0, 1], [0, 1], 2) - x).abs().max() < IMAGE_TOL
     with pytest.raises(UserError, match="no diffusers pipeline"):
         export(classcond_run, tmp_path / "cc2", pipeline=True)
 

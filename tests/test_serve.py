@@ -37,13 +37,13 @@ DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopbac
 
 
 def _teacher_generator(teacher: Path, recipe: str):
-    """An untrained "generator" (the teacher's UNet) behind the loader's Generator: fast page checks."""
+    """An untrained "generator" (the teacher's UNet) behind the loader's Student: fast page checks."""
     from dmd2.config import load_recipe
-    from dmd2.generate import Generator
     from dmd2.models import load_teacher
+    from dmd2.models.student import Student
 
     cfg = load_recipe(REPO / "recipes" / recipe, [f"model.teacher={teacher}"])
-    return Generator(load_teacher(str(teacher)), cfg, None, str(teacher), "cpu")
+    return Student(load_teacher(str(teacher)), cfg, None, str(teacher), "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -118,9 +118,9 @@ def test_generator_ema_is_the_average_of_its_updates_and_resumes(tmp_path, tiny_
     """train.ema_decay: with one generator update per step, the EMA saved at step 3 is
     d * EMA(2) + (1 - d) * W(3) with the warm-up's d = min(0.75, 3/12), also when step 3 runs in a
     resumed process (the EMA shards and their update count load); sample/export read it
-    (generate.load_generator)."""
+    (models.student.load_student)."""
     from dmd2.checkpoint import committed, consolidated_generator
-    from dmd2.generate import load_generator
+    from dmd2.models.student import load_student
 
     teacher, run = tiny_teacher("classcond"), tmp_path / "run"
     args = ["train", "recipes/tiny_classcond.yaml", f"model.teacher={teacher}", f"output_dir={run}",
@@ -137,6 +137,6 @@ def test_generator_ema_is_the_average_of_its_updates_and_resumes(tmp_path, tiny_
     assert moved, "the EMA equals the weights"
     for k in w3:
         torch.testing.assert_close(e3[k], 0.25 * e2[k] + 0.75 * w3[k], rtol=1e-5, atol=1e-6)
-    unet = load_generator(run).parts.unet
+    unet = load_student(run).parts.unet
     got = unet.state_dict()
     assert all(torch.equal(got[k], e3[k]) for k in moved)

@@ -70,8 +70,9 @@ def measure_speed(rows: list[Row], runs: dict[str, Path], teacher_dir: Path, n: 
     ``runs`` maps a row-name prefix (e.g. "student_1step@") to its run folder."""
     import torch
 
-    from ..generate import choose_timesteps, draw, load_generator, teacher_draw
+    from ..generate import choose_timesteps, draw, teacher_draw
     from ..models import load_teacher
+    from ..models.student import load_student
 
     torch.set_num_threads(1)
     conds, seeds = [i % NUM_CLASSES for i in range(n)], list(range(n))
@@ -84,7 +85,7 @@ def measure_speed(rows: list[Row], runs: dict[str, Path], teacher_dir: Path, n: 
                                       resolution=RESOLUTION, device="cpu"):
                     pass
         elif run is not None:
-            gen = load_generator(run)
+            gen = load_student(run)
             ts = choose_timesteps(gen.timesteps, r.nfe)
 
             def go(m, gen=gen, ts=ts):

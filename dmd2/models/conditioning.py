@@ -19,10 +19,6 @@ def cat_cond(*conds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
-def index_cond(cond: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
-    return {k: v[idx] for k, v in cond.items()}
-
-
 def cond_to(cond: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in cond.items()}
 

@@ -66,9 +66,6 @@ class Guidance(nn.Module):
         """GAN logits: the head on the fake score's mid-block at (x_t, t, cond) (§6)."""
         return self.head(self.fake.features(x_t, t, cond))
 
-    def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
 
 def set_phase(guidance: Guidance, phase: str) -> None:
     """Generator phase: the critic is frozen so its gradients neither accumulate nor reach the

@@ -1,0 +1,45 @@
+"""diffusers pipelines around loaded components: the teacher's own sampler for eval, the
+exported pipeline folder, and LoRA files merged into a UNet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .loader import Teacher
+
+
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def apply_lora_file(parts: Teacher, file: Path) -> None:
+    """Merge a LoRA .safetensors (diffusers or kohya key names) into ``parts.unet``."""
+    state, alphas = pipeline_class(parts.family).lora_state_dict(str(file))
+    parts.unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name="dmd2")
+    parts.unet.fuse_lora()
+    parts.unet.unload_lora()
+
+
+def diffusers_pipeline(parts: Teacher, scheduler):
+    """A StableDiffusion(XL)Pipeline from loaded components (the UNet is ``parts.unet``)."""
+    kw = dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0],
+              unet=parts.unet, scheduler=scheduler)
+    if parts.family == "sdxl":
+        # zero unconditional embeddings, as the SDXL teacher's CFG in training (conditioning.py)
+        kw.update(text_encoder_2=parts.text_encoders[1], tokenizer_2=parts.tokenizers[1],
+                  force_zeros_for_empty_prompt=True, add_watermarker=False)
+    else:
+        kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_class(parts.family)(**kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def teacher_scheduler(parts: Teacher):
+    """The teacher's own diffusers scheduler, from the scheduler config it ships."""
+    import diffusers
+
+    cfg = dict(parts.scheduler_config)
+    return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
