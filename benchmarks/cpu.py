@@ -99,7 +99,7 @@ def bench_sampler(res: Results, rounds: int) -> None:
 
 
 def _tiny_batch(teacher, n: int = 2):
-    from dmd2.distill import Batch
+    from dmd2.data import Batch
     from dmd2.models import Conditioner
 
     c = Conditioner(teacher, 32)
@@ -145,27 +145,32 @@ def bench_cache(res: Results, rounds: int) -> None:
     the cache vs encoded every step (prompts, captions, real images loaded and VAE-encoded)."""
     from dmd2 import engines
     from dmd2.config import load_recipe
-    from dmd2.train import Setup
+    from dmd2.data import build_batches
+    from dmd2.models import load_teacher
 
     print("conditioning cache: tiny SD1.5 recipe (GAN on, batch 2), ZeRO-3, cache vs per-step encoding", flush=True)
     engines.init_distributed()
     args = [f"model.teacher={tiny_teacher('sd15')}", "output_dir=runs/bench/cache-run"]
-    setups = {"cached": Setup(load_recipe(REPO / "recipes/tiny_sd15.yaml", [*args, "data.cache=true"]), 0, 1),
-              "encoded": Setup(load_recipe(REPO / "recipes/tiny_sd15.yaml", [*args, "data.cache=false"]), 0, 1)}
-    s = setups["cached"]
+    setups = {}
+    for name, cache in (("cached", "true"), ("encoded", "false")):
+        recipe = load_recipe(REPO / "recipes/tiny_sd15.yaml", [*args, f"data.cache={cache}"])
+        teacher = load_teacher(recipe.model.teacher)
+        setups[name] = build_batches(recipe.data, teacher, resolution=teacher.resolution, batch_size=2, seed=0,
+                                     cfg_scale=recipe.loss.cfg_scale, rank=0, world=1, device="cpu")
     cfg = engines.ds_config(REPO / "ds_configs/zero3.json", batch_size=2, grad_clip=10.0, bf16=False, zero_stage=3)
-    rig = Rig(own_teacher(s.teacher), latent=s.shape[-1], batch_size=2, timesteps=s.timesteps,
-              loss_cfg=s.recipe.loss, ds={"generator": cfg, "critic": copy.deepcopy(cfg)})
+    rig = Rig(own_teacher(teacher), latent=setups["cached"].shape[-1], batch_size=2,
+              timesteps=recipe.generator.resolved_timesteps(), loss_cfg=recipe.loss,
+              ds={"generator": cfg, "critic": copy.deepcopy(cfg)})
     step = [0]
 
     def iteration(setup):
         step[0] += 1
-        batch = setup.batch(step[0], torch.Generator().manual_seed(step[0]))
+        batch = setup(step[0], torch.Generator().manual_seed(step[0]))
         return rig.iteration(batch, k=0, seed=step[0])
 
     def batch_only(setup):
         step[0] += 1
-        return setup.batch(step[0], torch.Generator().manual_seed(step[0]))
+        return setup(step[0], torch.Generator().manual_seed(step[0]))
 
     times = alternate({k: (lambda v=v: iteration(v)) for k, v in setups.items()}, rounds, warmup=1)
     btimes = alternate({k: (lambda v=v: batch_only(v)) for k, v in setups.items()}, rounds, warmup=1)

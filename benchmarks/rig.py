@@ -68,7 +68,7 @@ ENCODERS = {
 
 
 def make_encoders(name: str, device="cpu"):
-    """(VAE, [text encoders]) of the kind ``name``'s teacher ships, random weights, fp32 (as train.Setup
+    """(VAE, [text encoders]) of the kind ``name``'s teacher ships, random weights, fp32 (as training
     holds them)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -117,7 +117,7 @@ def synthetic_teacher(name: str, unet):
 
 def random_batch(name: str, batch: int, latent: int, device, seed: int = 0, gan: bool = True):
     """Conditioning (and real latents for the GAN) of the right shapes for architecture ``name``."""
-    from dmd2.distill import Batch
+    from dmd2.data import Batch
 
     cfg = UNETS[name]
     g = torch.Generator().manual_seed(seed)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .models.conditioning import cond_to
 
 FORMAT = 1  # bump when what is stored or how it is encoded changes
 CHUNK = 1024  # rows per file
@@ -94,7 +95,7 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 class Builder:
-    """Encodes one chunk at a time with the teacher's encoders (callables from train.Setup)."""
+    """Encodes one chunk at a time with the teacher's encoders (callables from ``open_source``)."""
 
     def __init__(self, prompts: Sequence[str] | None, real, encode_prompts: Callable | None,
                  encode_images: Callable, uncond: Callable | None, sample_shape: Sequence[int]):
@@ -194,7 +195,7 @@ class ConditioningCache:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         meta = json.loads((self.folder / META).read_text())
-        self.num_prompts, self.images = meta["prompts"], meta["images"]
+        self.num_prompts, self.images, self.tasks = meta["prompts"], meta["images"], meta["tasks"]
         self._files: dict[str, object] = {}
         ok = [self._file(n).get_tensor("ok") for n in meta["tasks"] if n.startswith("images_")]
         self.ok = torch.cat(ok).bool() if ok else torch.zeros(0, dtype=torch.bool)
@@ -248,3 +249,48 @@ class ConditioningCache:
         rows = self._rows("images", used)
         latents = rows.pop("latents")
         return latents, {k.removeprefix("cond."): v for k, v in rows.items()}, used
+
+
+class CachedConditioning:
+    """``data.LiveConditioning``'s interface over a built cache: rows on ``device``, the one
+    unconditional row expanded, the items used by ``real`` as RealImages items."""
+
+    def __init__(self, cache: ConditioningCache, real, device):
+        self.cache, self.real_images, self.device = cache, real, device
+        self._uncond1 = cond_to(cache.uncond(), device) if "uncond" in cache.tasks else None
+
+    def prompts(self, idx) -> dict[str, torch.Tensor]:
+        return cond_to(self.cache.prompts(idx), self.device)
+
+    def uncond(self, n: int) -> dict[str, torch.Tensor]:
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond1.items()}
+
+    def real(self, idx):
+        latents, cond, used = self.cache.real(idx)
+        return latents.to(self.device), cond_to(cond, self.device), [self.real_images.items[i] for i in used]
+
+
+def open_source(cfg, teacher, conditioner, vae, *, prompts, real, resolution: int, sample_shape, rank: int,
+                world: int, device) -> CachedConditioning:
+    """The cache for this teacher, resolution, prompts file and image folder, built first if needed
+    (collective: ranks share the build); the text encoders then leave the accelerator, as nothing
+    encodes text any more."""
+    from .files import sha256_file
+    from .models import vae as vae_io
+
+    text = conditioner.text
+    inputs = {"teacher": teacher_fingerprint(teacher.source, teacher.config_source), "family": teacher.family,
+              "resolution": resolution,
+              "prompts": sha256_file(cfg.prompts) if prompts is not None else None,
+              "real_images": real_images_fingerprint(real) if real is not None else None}
+    builder = Builder(prompts, real, conditioner.encode_prompts if text else None,
+                      lambda images: vae_io.encode(vae, images.to(device)),
+                      (lambda: conditioner.uncond(1)) if text else None, sample_shape)
+    c = open_or_build(default_root(), inputs, builder, rank=rank, world=world, max_bad_fraction=cfg.max_bad_fraction)
+    source = CachedConditioning(c, real, device)
+    if text:
+        for enc in conditioner.encoders:
+            enc.to("cpu")
+    if real is not None:
+        real.bad = set(c.bad)
+    return source

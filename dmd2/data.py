@@ -1,4 +1,5 @@
-"""Prompts, real images and class labels; deterministic and resumable without saved state.
+"""Prompts, real images and class labels, and the batch of every step; deterministic and
+resumable without saved state.
 
 Every batch is a pure function of (seed, step, rank): sample j of the global batch at step s is
 item perm_e[(s * world * B + j) mod N] of epoch e's seeded permutation. Resuming at step s
@@ -184,3 +185,108 @@ class RealImages:
                                         f"(e.g. {str(self.items[k].path)!r}); more than data.max_bad_fraction="
                                         f"{self.max_bad_fraction}") from None
         return torch.stack(images), items
+
+
+@dataclass
+class Batch:
+    """One rank's batch: generator conditioning (+ CFG uncond), and real data for the GAN."""
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None = None
+    real: torch.Tensor | None = None  # real latents (or pixels), same shape as generator samples
+    real_cond: dict[str, torch.Tensor] | None = None
+
+
+class LiveConditioning:
+    """The conditioning source that encodes every step with the teacher's frozen encoders and
+    VAE (``data.cache: false``); ``cache.CachedConditioning`` reads the same rows from the cache.
+
+    ``prompts(idx)`` / ``uncond(n)``: text conditioning (dicts as ``Conditioner.encode_prompts``);
+    ``real(idx)``: (latents, caption conditioning or {}, the items used: an unreadable image is
+    replaced by the next readable one)."""
+
+    def __init__(self, prompts: list[str] | None, real: RealImages | None, conditioner, vae, device):
+        self.prompt_list, self.real_images, self.conditioner, self.vae = prompts, real, conditioner, vae
+        self.device = device
+
+    def prompts(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        return self.conditioner.encode_prompts([self.prompt_list[i] for i in idx])
+
+    def uncond(self, n: int) -> dict[str, torch.Tensor]:
+        return self.conditioner.uncond(n)
+
+    def real(self, idx: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[RealItem]]:
+        from .models import vae
+
+        images, items = self.real_images.load(idx)
+        latents = vae.encode(self.vae, images.to(self.device))
+        cond = self.conditioner.encode_prompts([it.caption for it in items]) if self.conditioner.text else {}
+        return latents, cond, items
+
+
+class Batches:
+    """This rank's batch at each step, a pure function of (seed, step, rank): prompts (or random
+    class labels) for the generator, the unconditional embedding when the teacher uses CFG, and
+    real images with their captions (or labels) for the GAN, from one conditioning source."""
+
+    def __init__(self, source, conditioner, *, prompts: list[str] | None, real: RealImages | None, shape,
+                 cfg: bool, seed: int, rank: int, world: int):
+        self.source, self.conditioner, self.prompts, self.real = source, conditioner, prompts, real
+        self.shape, self.cfg, self.seed, self.rank, self.world = tuple(shape), cfg, seed, rank, world
+
+    @property
+    def batch_size(self) -> int:
+        return self.shape[0]
+
+    def __call__(self, step: int, rng: torch.Generator) -> Batch:
+        B, text = self.batch_size, self.conditioner.text
+        if self.prompts is not None:
+            cond = self.source.prompts(batch_indices(len(self.prompts), step, self.rank, self.world, B, self.seed))
+        else:
+            labels = torch.randint(0, self.conditioner.num_classes, (B,), generator=rng, device=rng.device)
+            cond = self.conditioner.encode_labels(labels)
+        uncond = self.source.uncond(B) if text and self.cfg else None
+        real = real_cond = None
+        if self.real is not None:
+            ridx = batch_indices(len(self.real), step, self.rank, self.world, B, self.seed + 1)
+            real, real_cond, items = self.source.real(ridx)
+            if not text:
+                real_cond = self.conditioner.encode_labels(torch.tensor([it.label for it in items]))
+        return Batch(cond, uncond, real, real_cond)
+
+    def preview_cond(self, n: int) -> dict[str, torch.Tensor]:
+        """The conditioning of the preview grid: the first n prompts, or the classes in turn."""
+        if self.prompts is not None:
+            return self.source.prompts([i % len(self.prompts) for i in range(n)])
+        return self.conditioner.encode_labels(torch.arange(n) % self.conditioner.num_classes)
+
+
+def build_batches(cfg, teacher, *, resolution: int, batch_size: int, seed: int, cfg_scale: float, rank: int,
+                  world: int, device) -> Batches:
+    """Read and check ``data`` (a DataConfig) for ``teacher``, and open its conditioning source: the
+    cache (built first if needed; collective) or live encoding."""
+    from .models import Conditioner
+
+    prompts = None
+    if teacher.family != "classcond":
+        if cfg.prompts is None:
+            raise UserError(f"data.prompts: a {teacher.family} teacher needs prompts (a .txt or .jsonl file)")
+        prompts = load_prompts(cfg.prompts)
+    real = None
+    if cfg.real_images is not None:
+        real = RealImages(cfg.real_images, resolution, labelled=teacher.family == "classcond",
+                          num_classes=teacher.num_classes, max_bad_fraction=cfg.max_bad_fraction)
+        real.probe()
+    conditioner = Conditioner(teacher, resolution, device)
+    vae = teacher.vae.to(device) if teacher.vae is not None else None
+    lat = teacher.latent_size(resolution)
+    shape = (batch_size, teacher.channels, lat, lat)
+    if cfg.cache and (prompts is not None or real is not None):
+        from . import cache
+
+        source = cache.open_source(cfg, teacher, conditioner, vae, prompts=prompts, real=real, resolution=resolution,
+                                   sample_shape=shape[1:], rank=rank, world=world, device=device)
+    else:
+        source = LiveConditioning(prompts, real, conditioner, vae, device)
+    return Batches(source, conditioner, prompts=prompts, real=real, shape=shape, cfg=cfg_scale != 1.0, seed=seed,
+                   rank=rank, world=world)

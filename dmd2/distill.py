@@ -11,24 +11,13 @@ so a resumed run replays exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import losses
+from .data import Batch
 from .models.conditioning import cat_cond
 from .sampling import Noise, pure_noise, sample, timestep_batch
 from .schedule import T, sample_timesteps
-
-
-@dataclass
-class Batch:
-    """One rank's batch: generator conditioning (+ CFG uncond), and real data for the GAN."""
-
-    cond: dict[str, torch.Tensor]
-    uncond: dict[str, torch.Tensor] | None = None
-    real: torch.Tensor | None = None  # real latents (or pixels), same shape as generator samples
-    real_cond: dict[str, torch.Tensor] | None = None
 
 
 def _randn(g: torch.Generator, like: torch.Tensor) -> torch.Tensor:

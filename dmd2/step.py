@@ -16,7 +16,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .distill import Batch, critic_loss, generator_input, generator_loss
+from .data import Batch
+from .distill import critic_loss, generator_input, generator_loss
 from .models.roles import set_phase
 
 

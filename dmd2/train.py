@@ -12,13 +12,11 @@ import torch
 
 from . import checkpoint, engines, faults
 from .config import Recipe, recipe_to_yaml
-from .data import RealImages, batch_indices, load_prompts
-from .distill import Batch
+from .data import build_batches
 from .ema import ShardedEMA
 from .errors import UserError
-from .files import sha256_file
 from .logs import RunLogger
-from .models import Conditioner, cond_to, load_teacher, vae
+from .models import load_teacher, vae
 from .models.roles import build_roles
 from .sampling import Noise, sample
 from .step import to_floats, train_step
@@ -63,107 +61,6 @@ def check_resume_compatible(run_dir: Path, recipe: Recipe) -> None:
             raise UserError(f"{saved}: {key} was {old.get(key)!r}, now {new.get(key)!r}; resuming needs the same "
                             f"recipe (only train.max_steps, checkpointing and logging may change) "
                             f"or a new output_dir")
-
-
-class Setup:
-    """Everything loaded and checked before step 0 (and before the run folder is touched)."""
-
-    def __init__(self, recipe: Recipe, rank: int, world: int):
-        self.recipe, self.rank, self.world = recipe, rank, world
-        self.device = engines.device()
-        m, d, t = recipe.model, recipe.data, recipe.train
-        self.teacher = load_teacher(m.teacher, m.family, m.teacher_config)
-        fam = self.teacher.family
-        self.resolution = t.resolution or self.teacher.resolution
-        if self.resolution % (self.teacher.vae_scale_factor * 2 ** (len(self.teacher.unet.config.block_out_channels) - 1)):
-            raise UserError(f"train.resolution: {self.resolution} is not divisible by the teacher's downsampling")
-        if fam == "classcond" and recipe.loss.cfg_scale != 1.0:
-            raise UserError(f"loss.cfg_scale: {recipe.loss.cfg_scale} but class-conditional teachers use no CFG (set 1.0)")
-        self.prompts = None
-        if fam != "classcond":
-            if d.prompts is None:
-                raise UserError(f"data.prompts: a {fam} teacher needs prompts (a .txt or .jsonl file)")
-            self.prompts = load_prompts(d.prompts)
-        self.real = None
-        if d.real_images is not None:
-            self.real = RealImages(d.real_images, self.resolution, labelled=fam == "classcond",
-                                   num_classes=self.teacher.num_classes, max_bad_fraction=d.max_bad_fraction)
-            self.real.probe()
-        self.cond = Conditioner(self.teacher, self.resolution, self.device)
-        self.vae = self.teacher.vae.to(self.device) if self.teacher.vae is not None else None
-        lat = self.teacher.latent_size(self.resolution)
-        self.shape = (t.batch_size, self.teacher.channels, lat, lat)
-        self.timesteps = recipe.generator.resolved_timesteps()
-        self.cache = self._open_cache() if d.cache and (self.prompts is not None or self.real is not None) else None
-
-    def _open_cache(self):
-        """Conditioning encoded once (collective: ranks share the build); the text encoders then
-        leave the accelerator, as nothing encodes text any more."""
-        from . import cache
-
-        m, d = self.recipe.model, self.recipe.data
-        inputs = {"teacher": cache.teacher_fingerprint(m.teacher, m.teacher_config), "family": self.teacher.family,
-                  "resolution": self.resolution,
-                  "prompts": sha256_file(d.prompts) if self.prompts is not None else None,
-                  "real_images": cache.real_images_fingerprint(self.real) if self.real is not None else None}
-        text = self.cond.text
-        builder = cache.Builder(self.prompts, self.real, self.cond.encode_prompts if text else None, self.encode_images,
-                                (lambda: self.cond.uncond(1)) if text else None, self.shape[1:])
-        c = cache.open_or_build(cache.default_root(), inputs, builder, rank=self.rank, world=self.world,
-                                max_bad_fraction=d.max_bad_fraction)
-        if text:
-            self._uncond1 = cond_to(c.uncond(), self.device)
-            for enc in self.cond.encoders:
-                enc.to("cpu")
-        if self.real is not None:
-            self.real.bad = set(c.bad)
-        return c
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> the generator's space (scaled VAE latents, or pixels)."""
-        return vae.encode(self.vae, images.to(self.device))
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return vae.decode(self.vae, x)
-
-    def batch(self, step: int, g: torch.Generator) -> Batch:
-        """This rank's batch at ``step``: a pure function of (seed, step, rank)."""
-        r, t = self.recipe, self.recipe.train
-        B = t.batch_size
-        if self.prompts is not None:
-            idx = batch_indices(len(self.prompts), step, self.rank, self.world, B, t.seed)
-            cond = self._prompt_cond(idx)
-        else:
-            labels = torch.randint(0, self.teacher.num_classes, (B,), generator=g, device=g.device)
-            cond = self.cond.encode_labels(labels)
-        uncond = None
-        if self.cond.text and r.loss.cfg_scale != 1.0:
-            uncond = (self.cond.uncond(B) if self.cache is None
-                      else {k: v.expand(B, *v.shape[1:]) for k, v in self._uncond1.items()})
-        real = real_cond = None
-        if self.real is not None:
-            ridx = batch_indices(len(self.real), step, self.rank, self.world, B, t.seed + 1)
-            if self.cache is not None:
-                real, real_cond, used = self.cache.real(ridx)
-                real, real_cond = real.to(self.device), cond_to(real_cond, self.device)
-                items = [self.real.items[i] for i in used]
-            else:
-                images, items = self.real.load(ridx)
-                real = self.encode_images(images)
-                real_cond = self.cond.encode_prompts([it.caption for it in items]) if self.cond.text else None
-            if not self.cond.text:
-                real_cond = self.cond.encode_labels(torch.tensor([it.label for it in items]))
-        return Batch(cond, uncond, real, real_cond)
-
-    def _prompt_cond(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        if self.cache is not None:
-            return cond_to(self.cache.prompts(idx), self.device)
-        return self.cond.encode_prompts([self.prompts[i] for i in idx])
-
-    def preview_cond(self, n: int) -> dict[str, torch.Tensor]:
-        if self.prompts is not None:
-            return self._prompt_cond([i % len(self.prompts) for i in range(n)])
-        return self.cond.encode_labels(torch.arange(n) % self.teacher.num_classes)
 
 
 class TrainingStopped(Exception):
@@ -214,9 +111,17 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     # Load and check everything before step 0; the run folder is written only after this.
     run_dir = Path(recipe.output_dir)
     check_resume_compatible(run_dir, recipe)
-    s = Setup(recipe, rank, world)
-    generator, guidance = build_roles(s.teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
-                                      resolution=s.resolution, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing)
+    device = engines.device()
+    m = recipe.model
+    teacher = load_teacher(m.teacher, m.family, m.teacher_config)
+    resolution = teacher.training_resolution(t.resolution)
+    teacher.check_cfg(recipe.loss.cfg_scale)
+    batches = build_batches(recipe.data, teacher, resolution=resolution, batch_size=t.batch_size, seed=t.seed,
+                            cfg_scale=recipe.loss.cfg_scale, rank=rank, world=world, device=device)
+    real = batches.real
+    timesteps = recipe.generator.resolved_timesteps()
+    generator, guidance = build_roles(teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
+                                      resolution=resolution, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing)
     bf16 = engines.use_bf16(t.precision)
     ds = {o: engines.ds_config(t.ds_config, batch_size=t.batch_size, grad_clip=getattr(recipe.optim, o).grad_clip,
                                bf16=bf16, zero_stage=t.zero_stage) for o in ("generator", "critic")}
@@ -243,19 +148,19 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
                     recipe=recipe.model_dump(mode="json"))
     for w in warnings:
         log.message(w)
-    if s.real is not None and s.real.non_images:
-        log.message(f"warning: data.real_images: ignoring {len(s.real.non_images)} non-image files "
-                    f"(e.g. {s.real.non_images[0]})")
+    if real is not None and real.non_images:
+        log.message(f"warning: data.real_images: ignoring {len(real.non_images)} non-image files "
+                    f"(e.g. {real.non_images[0]})")
     if ckpt is not None:
         log.message(f"resumed from {ckpt} at step {start}")
-    schedule = s.teacher.schedule
-    K = len(s.timesteps)
+    schedule = teacher.schedule
+    K = len(timesteps)
     preempt = Preemption()
     step_times, bad_streak, skipped = [], 0, 0
 
     def save(done: int) -> None:
         checkpoint.save(run_dir, done, gen_engine, guidance_engine,
-                        {"teacher": recipe.model.teacher, "world_size": world, "timesteps": s.timesteps,
+                        {"teacher": recipe.model.teacher, "world_size": world, "timesteps": timesteps,
                          "skipped_steps": skipped},
                         keep_last=t.keep_last, rank=rank, protect=ckpt, ema=ema)
 
@@ -265,14 +170,14 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         tic = time.perf_counter()
         # All randomness of this step derives from (seed, rank, step); k from (seed, step) only,
         # so every rank runs the same number of generator calls (ZeRO-3 gathers are collective).
-        g = torch.Generator(s.device).manual_seed(seed_for(t.seed, rank, step))
+        g = torch.Generator(device).manual_seed(seed_for(t.seed, rank, step))
         torch.manual_seed(seed_for(t.seed, rank, step, 1))
         k = int(np.random.default_rng([t.seed, step]).integers(K)) if K > 1 else 0
-        batch = s.batch(step, g)
+        batch = batches(step, g)
         faults.point("step_begin")
-        metrics, applied = train_step(gen, critic, batch, k=k, timesteps=s.timesteps, shape=s.shape, loss_cfg=recipe.loss,
+        metrics, applied = train_step(gen, critic, batch, k=k, timesteps=timesteps, shape=batches.shape, loss_cfg=recipe.loss,
                                       backward_simulation=recipe.generator.backward_simulation,
-                                      generator_turn=step % t.update_ratio == 0, rng=g, device=s.device)
+                                      generator_turn=step % t.update_ratio == 0, rng=g, device=device)
         metrics = {"k": k, **to_floats(metrics)}
         faults.point("step_end")
 
@@ -296,12 +201,12 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         # Preview grid (every rank samples: ZeRO-3 gathers are collective).
         if recipe.logging.preview_every and done % recipe.logging.preview_every == 0:
             n = recipe.logging.preview_images
-            images = sample(gen.module, schedule, s.preview_cond(n), (n, *s.shape[1:]), s.timesteps,
-                            Noise.per_sample(range(n), s.device))
-            log.preview(done, s.decode(images))
+            images = sample(gen.module, schedule, batches.preview_cond(n), (n, *batches.shape[1:]), timesteps,
+                            Noise.per_sample(range(n), device))
+            log.preview(done, vae.decode(teacher.vae, images))
 
         # Save state checkpoint; on SIGTERM/SIGINT (any rank) save and exit 0.
-        stop = preempt.agreed(s.device, world)
+        stop = preempt.agreed(device, world)
         if done % t.checkpoint_every == 0 or done == t.max_steps or stop:
             save(done)
         if stop:
@@ -314,7 +219,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         log.message(f"done: {t.max_steps} steps in {run_dir} | median step {np.median(steady):.3f} s | "
                     f"peak RSS {peak:.0f} MiB (rank {rank}) | skipped steps {skipped}"
-                    + (f" | unreadable images skipped {len(s.real.bad)}" if s.real is not None else ""))
+                    + (f" | unreadable images skipped {len(real.bad)}" if real is not None else ""))
     else:
         log.message(f"{run_dir} already trained to step {start} (raise train.max_steps to continue)")
     log.close()

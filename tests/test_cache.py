@@ -8,7 +8,8 @@ import torch
 from helpers import REPO, loss_curve, run_cli
 
 from dmd2.config import load_recipe
-from dmd2.train import Setup
+from dmd2.data import build_batches
+from dmd2.models import load_teacher
 
 STEPS = 6
 
@@ -22,11 +23,20 @@ def cache_dir(tmp_path, monkeypatch):
 
 def _setup(teacher, family="sd15", *overrides):
     recipe = load_recipe(REPO / f"recipes/tiny_{family}.yaml", [f"model.teacher={teacher}", "output_dir=unused", *overrides])
-    return Setup(recipe, 0, 1)
+    teacher = load_teacher(recipe.model.teacher)
+    t = recipe.train
+    return build_batches(recipe.data, teacher, resolution=teacher.training_resolution(t.resolution),
+                         batch_size=t.batch_size, seed=t.seed, cfg_scale=recipe.loss.cfg_scale, rank=0, world=1,
+                         device="cpu")
+
+
+def _cache(batches):
+    """The ConditioningCache behind ``batches``, None when it encodes every step."""
+    return getattr(batches.source, "cache", None)
 
 
 def _batches(setup, steps=STEPS):
-    return [setup.batch(s, torch.Generator().manual_seed(s)) for s in range(steps)]
+    return [setup(s, torch.Generator().manual_seed(s)) for s in range(steps)]
 
 
 def _assert_same(a, b, exact=True):
@@ -49,7 +59,7 @@ def test_cached_batches_equal_encoded_batches(tiny_teacher, cache_dir, family):
     teacher = tiny_teacher(family)
     cached = _setup(teacher, family)
     encoded = _setup(teacher, family, "data.cache=false")
-    assert cached.cache is not None and encoded.cache is None
+    assert _cache(cached) is not None and _cache(encoded) is None
     for a, b in zip(_batches(cached), _batches(encoded), strict=True):
         _assert_same(a, b, exact=False)
     # previews draw the same prompts
@@ -79,18 +89,18 @@ def test_cache_is_rebuilt_when_the_data_changes(tiny_teacher, cache_dir, tmp_pat
     a = _setup(teacher, "sd15", *data)
     prompts.write_text(prompts.read_text() + "a purple triangle\n")
     b = _setup(teacher, "sd15", *data)
-    assert a.cache.folder != b.cache.folder and b.cache.num_prompts == a.cache.num_prompts + 1
-    enc = b.cond.encode_prompts(["a purple triangle"])["encoder_hidden_states"]
-    torch.testing.assert_close(b.cache.prompts([b.cache.num_prompts - 1])["encoder_hidden_states"], enc,
+    assert _cache(a).folder != _cache(b).folder and _cache(b).num_prompts == _cache(a).num_prompts + 1
+    enc = b.conditioner.encode_prompts(["a purple triangle"])["encoder_hidden_states"]
+    torch.testing.assert_close(_cache(b).prompts([_cache(b).num_prompts - 1])["encoder_hidden_states"], enc,
                                rtol=1e-5, atol=1e-6)
     first = sorted(images.glob("*.png"))[0]  # an image rewritten (new size/time) is a new cache too
     shutil.copy(sorted(images.glob("*.png"))[1], first)
     c = _setup(teacher, "sd15", *data)
-    assert c.cache.folder not in (a.cache.folder, b.cache.folder)
+    assert _cache(c).folder not in (_cache(a).folder, _cache(b).folder)
     assert len(list(cache_dir.iterdir())) == 3
     # and the training resolution is part of the key
     d = _setup(teacher, "sd15", *data, "train.resolution=64")
-    assert d.cache.folder not in (a.cache.folder, b.cache.folder, c.cache.folder)
+    assert _cache(d).folder not in (_cache(a).folder, _cache(b).folder, _cache(c).folder)
 
 
 def test_unreadable_images_are_skipped_as_without_cache(tiny_teacher, cache_dir, tmp_path):
@@ -100,10 +110,10 @@ def test_unreadable_images_are_skipped_as_without_cache(tiny_teacher, cache_dir,
     (images / "img_003.png").write_bytes(b"not a png")
     data = [f"data.real_images={images}", "data.max_bad_fraction=0.5"]
     cached, encoded = _setup(teacher, "sd15", *data), _setup(teacher, "sd15", *data, "data.cache=false")
-    assert cached.cache.bad == [3]
+    assert _cache(cached).bad == [3]
     for step in range(8):  # covers every item, the bad one included
-        a = cached.batch(step, torch.Generator().manual_seed(step))
-        b = encoded.batch(step, torch.Generator().manual_seed(step))
+        a = cached(step, torch.Generator().manual_seed(step))
+        b = encoded(step, torch.Generator().manual_seed(step))
         torch.testing.assert_close(a.real, b.real, rtol=1e-5, atol=1e-6)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dmd2.config import OptimizerConfig, Recipe
-from dmd2.distill import Batch, critic_loss, generator_loss
+from dmd2.data import Batch
+from dmd2.distill import critic_loss, generator_loss
 from dmd2.models import Conditioner, load_teacher
 from dmd2.models.roles import build_roles, set_phase
 

@@ -37,6 +37,18 @@ class Teacher:
     vae: nn.Module | None = None
     text_encoders: list[nn.Module] = field(default_factory=list)
     tokenizers: list = field(default_factory=list)
+    config_source: str | None = None  # model.teacher_config, for a single-file teacher
+
+    def training_resolution(self, requested: int | None) -> int:
+        """``train.resolution`` (default: the native one), checked against the UNet's downsampling."""
+        res = requested or self.resolution
+        if res % (self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)):
+            raise UserError(f"train.resolution: {res} is not divisible by the teacher's downsampling")
+        return res
+
+    def check_cfg(self, cfg_scale: float) -> None:
+        if self.family == "classcond" and cfg_scale != 1.0:
+            raise UserError(f"loss.cfg_scale: {cfg_scale} but class-conditional teachers use no CFG (set 1.0)")
 
     @property
     def vae_scale_factor(self) -> int:
@@ -147,6 +159,7 @@ def load_teacher(source: str, family: str = "auto", config_source: str | None = 
     for m in (teacher.unet, teacher.vae, *teacher.text_encoders):
         if m is not None:
             m.requires_grad_(False).eval()
+    teacher.config_source = config_source
     return teacher
 
 
