@@ -1,5 +1,5 @@
 """The two ZeRO-3 engines against a plain-PyTorch reference: gradients match, and none of the four
-traps of CPU_DEEPSPEED_FACTS.md (stale critic gradients, critic updated by the generator's loss,
+engine traps of docs/algorithm.md §9 (stale critic gradients, critic updated by the generator's loss,
 reading partitioned tensors, unequal calls across ranks) is present."""
 
 import copy
@@ -88,7 +88,7 @@ def test_plain_pytorch_phases_touch_only_their_parameters(rig):
 
 
 def _sync(ref, module):
-    """Copy the engine's (partitioned) weights into the plain reference, through a gather (Trap 3)."""
+    """Copy the engine's (partitioned) weights into the plain reference, through a gather (docs/algorithm.md §9.3)."""
     from deepspeed import zero
 
     params = list(module.parameters())
@@ -109,7 +109,7 @@ def _gathered(module, prefix=""):
 def test_engines_match_plain_pytorch(rig):
     """Three iterations of (generator phase, critic phase) through the engines, as train.py runs
     them; at every phase the gradients equal plain autograd on the same weights, so nothing stale
-    accumulates (Trap 1) and the critic never receives the generator's gradients (Trap 2)."""
+    accumulates (§9.1) and the critic never receives the generator's gradients (§9.2)."""
     gen_engine, guidance_engine, batch = rig["gen_engine"], rig["guidance_engine"], rig["batch"]
     guide = guidance_engine.module
     ref_gen, ref_guidance = rig["ref_gen"], rig["ref_guidance"]
