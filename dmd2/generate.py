@@ -367,7 +367,7 @@ def sample_to_folder(source: str | Path, out: str | Path, *, prompts: Sequence[s
         first = load_images(out, range(min(len(conds), GRID_MAX)))
         period = len(prompts or labels) or gen.num_classes  # conditions() cycles them: image i has i mod period
         save_grid(first.permute(0, 3, 1, 2).float() / 127.5 - 1, out / "grid.png",
-                  **condition_layout(period, gen.cond.text))
+                  **condition_layout(period, gen.cond.text, len(first)))
     return out
 
 

@@ -50,13 +50,16 @@ def save_grid(images: torch.Tensor, path: str | Path, *, cols: int | None = None
     return path
 
 
-def condition_layout(n_conditions: int, text: bool) -> dict[str, int]:
-    """``save_grid``'s layout for images whose image i has condition i mod ``n_conditions``: one
-    prompt per row (text-to-image) or one class per column (class-conditional); near-square when
-    there are more than ``GRID_GROUPS_MAX`` conditions."""
+def condition_layout(n_conditions: int, text: bool, n_images: int) -> dict[str, int]:
+    """``save_grid``'s layout for ``n_images`` images whose image i has condition i mod
+    ``n_conditions``: one class per column (class-conditional), or one prompt per row when prompts
+    repeat (each prompt drawn once would be a one-image-wide strip). Near-square with more than
+    ``GRID_GROUPS_MAX`` conditions."""
     if not 1 <= n_conditions <= GRID_GROUPS_MAX:
         return {}
-    return {"rows": n_conditions} if text else {"cols": n_conditions}
+    if text:
+        return {"rows": n_conditions} if n_conditions < n_images else {}
+    return {"cols": n_conditions}
 
 
 class RunLogger:

@@ -48,6 +48,8 @@ def test_grid_cols_fill_rows_and_rows_fill_columns(tmp_path):
 
 
 def test_condition_layout():
-    assert condition_layout(10, text=False) == {"cols": 10}  # one class per column
-    assert condition_layout(3, text=True) == {"rows": 3}  # one prompt per row
-    assert condition_layout(1000, text=False) == {}  # ImageNet: near-square, not a strip
+    assert condition_layout(10, text=False, n_images=10) == {"cols": 10}  # one class per column
+    assert condition_layout(10, text=False, n_images=20) == {"cols": 10}
+    assert condition_layout(3, text=True, n_images=8) == {"rows": 3}  # one prompt per row
+    assert condition_layout(16, text=True, n_images=16) == {}  # each prompt once: near-square, not a strip
+    assert condition_layout(1000, text=False, n_images=64) == {}  # ImageNet: near-square
