@@ -1,4 +1,4 @@
-# dmd2 — make install test   (CPU machine: the torch/torchvision pair below; GPU: see README)
+# dmd2 — make install, then make test   (the torch/torchvision pair below; CPU-only or GPU builds: see README)
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
@@ -13,10 +13,11 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# The one install path; the stamp lets `make demo` install only when needed.
+# The one install path; the stamp lets `make demo` install only when needed. A torch that already
+# imports with its torchvision in the venv (the CPU or a CUDA build installed by hand, README) is kept.
 STAMP := $(VENV)/.dmd2-installed
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -99,6 +99,14 @@ def _load_image(path: Path, resolution: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 
+def _build_hint(root: Path) -> str:
+    """For a folder the repository's own recipes expect (the digits), the command that builds it."""
+    from .digits.data import build_command
+
+    cmd = build_command(root)
+    return f"; build it with `{cmd}` (make demo builds it too)" if cmd else ""
+
+
 class RealImages:
     """A folder of images with captions.jsonl ({"file_name", "text"}), or class sub-folders.
 
@@ -114,7 +122,7 @@ class RealImages:
         self.bad: set[int] = set()
         self.non_images: list[Path] = []
         if not self.root.is_dir():
-            raise UserError(f"{field}: {str(self.root)!r} is not a folder")
+            raise UserError(f"{field}: {str(self.root)!r} is not a folder{_build_hint(self.root)}")
         self.items = self._scan_labelled(num_classes) if labelled else self._scan_captioned()
         if not self.items:
             raise UserError(f"{field}: {str(self.root)!r} holds no images")

@@ -134,21 +134,20 @@ def _export_diffusers(gen: Student, out: Path, dtype: str, pipeline: bool, merge
 
 
 def lora_state_dict(unet: torch.nn.Module, scale: float, style: str) -> dict[str, torch.Tensor]:
-    """The peft adapter of ``unet`` as a LoRA file's tensors, with ``scale`` folded into B (up)."""
+    """The peft adapter of ``unet`` as a LoRA file's tensors, with ``scale`` folded into B (up):
+    diffusers' key names (``unet.<module>.lora_A/B.weight``, peft's under ``unet.``) or kohya's,
+    converted by diffusers' ``convert_state_dict_to_kohya``
+    (``lora_unet_<module with _>.lora_down/lora_up.weight`` and ``.alpha``)."""
+    from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
-    out = {}
-    for key, w in get_peft_model_state_dict(unet).items():
-        module, kind = key.rsplit(".lora_", 1)  # "down_blocks.0....to_q", "A.weight" / "B.weight"
-        up = kind.startswith("B")
-        w = (w * scale if up else w).contiguous()
-        if style == "diffusers":
-            out[f"unet.{key}"] = w
-        else:
-            name = "lora_unet_" + module.replace(".", "_")
-            out[f"{name}.lora_{'up' if up else 'down'}.weight"] = w
-            if not up:
-                out[f"{name}.alpha"] = torch.tensor(float(w.shape[0]))  # alpha = rank: scale already folded
+    out = {f"unet.{key}": (w * scale if ".lora_B." in key else w).contiguous()
+           for key, w in get_peft_model_state_dict(unet).items()}
+    if style == "kohya":
+        # diffusers writes each alpha as the rank (an int64 scalar): with the scale folded into the
+        # up weights, alpha / rank = 1 in every loader. _export_lora casts it to the file's dtype
+        # like every tensor, so the file is the one the former hand-written conversion wrote.
+        out = convert_state_dict_to_kohya(out)
     return out
 
 

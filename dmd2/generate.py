@@ -177,10 +177,12 @@ def sample_to_folder(source: str | Path, out: str | Path, *, prompts: Sequence[s
         with open(out / "images.jsonl", "w", encoding="utf-8") as f:
             for i, (c, s) in enumerate(zip(conds, seeds, strict=True)):
                 f.write(json.dumps({"file": f"{i:06d}.png", "seed": s, key: c, "timesteps": ts}) + "\n")
-        from .logs import save_grid
+        from .logs import condition_layout, save_grid
 
         first = load_images(out, range(min(len(conds), GRID_MAX)))
-        save_grid(first.permute(0, 3, 1, 2).float() / 127.5 - 1, out / "grid.png")
+        period = len(prompts or labels) or gen.num_classes  # conditions() cycles them: image i has i mod period
+        save_grid(first.permute(0, 3, 1, 2).float() / 127.5 - 1, out / "grid.png",
+                  **condition_layout(period, gen.cond.text, len(first)))
     return out
 
 

@@ -15,21 +15,51 @@ def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, cols: int | None = None) -> Path:
-    """Save B x 3 x H x W images in [-1, 1] as one PNG grid."""
-    from PIL import Image
+GRID_PADDING = 2  # px between images: small images (8x8 digits) stay apart instead of merging into strips
+GRID_PAD_VALUE = 128  # mid-grey: visible between dark images (digits) and light ones alike
+GRID_GROUPS_MAX = 16  # more conditions than this: a near-square grid (a row or column each would be a strip)
 
-    arr = to_uint8_images(images).numpy()
-    b, h, w, _ = arr.shape
-    cols = cols or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i in range(b):
-        grid.paste(Image.fromarray(arr[i]), ((i % cols) * w, (i // cols) * h))
+
+def save_grid(images: torch.Tensor, path: str | Path, *, cols: int | None = None, rows: int | None = None,
+              padding: int = GRID_PADDING) -> Path:
+    """Save B x 3 x H x W images in [-1, 1] as one PNG grid (``torchvision.utils.make_grid``), with
+    ``padding`` px of grey between images.
+
+    ``cols``: filled row by row, image i in column i mod cols. ``rows``: filled column by column,
+    image i in row i mod rows. Neither: row by row, near-square. When image i has condition
+    i mod n (``dmd2 sample``, training previews), ``cols=n`` puts one condition per column and
+    ``rows=n`` one per row (see ``condition_layout``).
+    """
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    if cols and rows:
+        raise ValueError("save_grid: pass cols or rows, not both")
+    x = to_uint8_images(images).permute(0, 3, 1, 2)  # uint8 B x 3 x H x W: no second rounding
+    b = len(x)
+    if rows:
+        rows = min(rows, b)
+        cols = math.ceil(b / rows)
+        # make_grid fills row by row: slot (r, c) takes image c * rows + r, blank past the end
+        blank = torch.full_like(x[0], GRID_PAD_VALUE)
+        x = torch.stack([x[c * rows + r] if c * rows + r < b else blank for r in range(rows) for c in range(cols)])
+    grid = make_grid(x, nrow=cols or math.ceil(math.sqrt(b)), padding=padding, pad_value=GRID_PAD_VALUE)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
     return path
+
+
+def condition_layout(n_conditions: int, text: bool, n_images: int) -> dict[str, int]:
+    """``save_grid``'s layout for ``n_images`` images whose image i has condition i mod
+    ``n_conditions``: one class per column (class-conditional), or one prompt per row when prompts
+    repeat (each prompt drawn once would be a one-image-wide strip). Near-square with more than
+    ``GRID_GROUPS_MAX`` conditions."""
+    if not 1 <= n_conditions <= GRID_GROUPS_MAX:
+        return {}
+    if text:
+        return {"rows": n_conditions} if n_conditions < n_images else {}
+    return {"cols": n_conditions}
 
 
 class RunLogger:
@@ -73,10 +103,11 @@ class RunLogger:
             losses = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "loss" in k)
             print(f"step {step}/{self.max_steps} | {losses} | {images_per_s:.2f} img/s | eta {eta:.0f}s", flush=True)
 
-    def preview(self, step: int, images: torch.Tensor) -> None:
+    def preview(self, step: int, images: torch.Tensor, **layout: int) -> None:
+        """``layout``: ``save_grid``'s ``cols`` or ``rows`` (``condition_layout``)."""
         if not self.active:
             return
-        path = save_grid(images, self.run_dir / "previews" / f"step_{step:08d}.png")
+        path = save_grid(images, self.run_dir / "previews" / f"step_{step:08d}.png", **layout)
         if self.wandb is not None:
             import wandb
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from dmd2.digits import classifiers
@@ -115,3 +116,24 @@ def test_demo_student_beats_the_teacher_at_one_call(tmp_path):
     floor = next(r for n, r in rows.items() if n.startswith("real_heldout"))
     assert floor["fid"] < student["fid"] and floor["label_accuracy"] > 0.95
     assert (out / "grid.png").is_file() and (out / "samples" / "student_1step" / "grid.png").is_file()
+
+
+def test_missing_digits_folder_names_the_command_that_builds_it(tmp_path, monkeypatch):
+    from dmd2.data import RealImages
+    from dmd2.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "runs" / "digits" / "data" / "train"  # where the digits recipes look, under tmp_path
+    with pytest.raises(UserError) as e:
+        RealImages(missing, 8, labelled=True, num_classes=10)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"data.real_images: {str(missing)!r} is not a folder")
+    assert msg.endswith("build it with `python -m dmd2.digits.data runs/digits/data` (make demo builds it too)")
+    # the command, as printed, builds it
+    cmd = msg.split("`")[1].split()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+    assert len(RealImages(missing, 8, labelled=True, num_classes=10).items) == 1437
+    # other missing folders get no digits hint
+    with pytest.raises(UserError, match=r"is not a folder$"):
+        RealImages(tmp_path / "photos", 8, labelled=True, num_classes=10)

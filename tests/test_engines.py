@@ -1,5 +1,5 @@
 """The two ZeRO-3 engines against a plain-PyTorch reference: gradients match, and none of the four
-traps of CPU_DEEPSPEED_FACTS.md (stale critic gradients, critic updated by the generator's loss,
+engine traps of docs/algorithm.md §9 (stale critic gradients, critic updated by the generator's loss,
 reading partitioned tensors, unequal calls across ranks) is present."""
 
 import copy
@@ -89,7 +89,7 @@ def test_plain_pytorch_phases_touch_only_their_parameters(rig):
 
 
 def _sync(ref, module):
-    """Copy the engine's (partitioned) weights into the plain reference, through a gather (Trap 3)."""
+    """Copy the engine's (partitioned) weights into the plain reference, through a gather (docs/algorithm.md §9.3)."""
     from deepspeed import zero
 
     params = list(module.parameters())
@@ -136,8 +136,8 @@ class _Recording:
 def test_engines_match_plain_pytorch(rig):
     """Three iterations of (generator step, critic step) through the engines with dmd2.step's
     functions, as train.py runs them; at every phase the gradients equal plain autograd on the same
-    weights, so nothing stale accumulates (calling the critic's engine in the generator phase would)
-    and the critic never receives the generator's gradients."""
+    weights, so nothing stale accumulates (docs/algorithm.md §9.1)
+    and the critic never receives the generator's gradients (§9.2)."""
     from dmd2.step import critic_step, generator_step
 
     gen_engine, guidance_engine, batch = rig["gen_engine"], rig["guidance_engine"], rig["batch"]

@@ -138,6 +138,12 @@ def _png(folder: Path, i: int) -> np.ndarray:
     return np.array(Image.open(folder / f"{i:06d}.png")).astype(int)
 
 
+def _tile(grid: np.ndarray, r: int, c: int, size: int, pad: int = 2) -> np.ndarray:
+    """The image at row r, column c of a sample grid.png (``pad`` px around every image)."""
+    top, left = pad + r * (size + pad), pad + c * (size + pad)
+    return grid[top:top + size, left:left + size]
+
+
 def _gens(seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
@@ -159,7 +165,10 @@ def test_sample_cli_and_per_sample_seeds(sd15_run, tmp_path):
     rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
     assert [(r["seed"], r["prompt"]) for r in rows] == [(7 + i, PROMPTS[i % 2]) for i in range(5)]
     assert rows[0]["timesteps"] == [999, 499]
-    assert Image.open(out / "grid.png").size == (3 * 32, 2 * 32)
+    grid = np.array(Image.open(out / "grid.png"))
+    assert grid.shape[:2] == (2 * 34 + 2, 3 * 34 + 2)  # one prompt per row (image i in row i mod 2), 2 px gaps
+    for i in range(5):
+        assert np.array_equal(_tile(grid, i % 2, i // 2, 32), _png(out, i).astype(np.uint8))
 
     one = sample_to_folder(sd15_run, tmp_path / "b5", prompts=PROMPTS[:2], num_images=5, batch_size=5, seed=7)
     for i in range(5):
@@ -423,6 +432,17 @@ def test_classcond_labels_teacher_and_export(classcond_run, tmp_path):
     assert (_images(load_student(tmp_path / "cc"), [0, 1], [0, 1], 2) - x).abs().max() < IMAGE_TOL
     with pytest.raises(UserError, match="no diffusers pipeline"):
         export(classcond_run, tmp_path / "cc2", pipeline=True)
+
+
+def test_sample_labels_all_grid_has_one_class_per_column(classcond_run, tmp_path):
+    out = tmp_path / "all"
+    run_cli("sample", classcond_run, "--labels", "all", "--num-images", 20, "--out", out)
+    labels = [json.loads(line)["label"] for line in (out / "images.jsonl").read_text().splitlines()]
+    grid = np.array(Image.open(out / "grid.png"))
+    assert grid.shape[:2] == (2 * 18 + 2, 10 * 18 + 2)  # 10 columns x 2 rows of 16 px images, 2 px gaps
+    for i in range(20):  # class c in column c
+        assert labels[i] == i % 10
+        assert np.array_equal(_tile(grid, i // 10, labels[i], 16), _png(out, i).astype(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------

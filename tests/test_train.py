@@ -21,7 +21,7 @@ def test_train_logs_previews_and_wandb_offline(tmp_path, tiny_teacher):
     from PIL import Image
 
     grid = Image.open(run / "previews" / "step_00000002.png")
-    assert grid.size == (64, 64)  # 2 x 2 grid of 32 px images
+    assert grid.size == (2 * 34 + 2, 2 * 34 + 2)  # 2 x 2 grid of 32 px images, 2 px gaps
     assert list((run / "wandb").glob("offline-run-*")), "no offline wandb run written"
     assert "step 2/2" in res.stdout
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 LEVELS = 16  # load_digits' maximum value
+SPLITS = ("train", "heldout")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,28 @@ def write_digits(out: str | Path, split: Split = Split()) -> Path:
     return out
 
 
-if __name__ == "__main__":
-    import sys
+def build_command(path: str | Path) -> str | None:
+    """The command that writes ``path`` if it is a split of a digits data folder (``.../digits/data/train``
+    or ``heldout``, as the digits recipes and ``make demo`` use), else None: for the one-line error
+    of a missing ``data.real_images``."""
+    p = Path(path).absolute()
+    if p.name not in SPLITS or p.parent.name != "data" or p.parent.parent.name != "digits":
+        return None
+    try:
+        shown = p.parent.relative_to(Path.cwd())
+    except ValueError:
+        shown = p.parent
+    return f"python -m dmd2.digits.data {shown}"
 
-    print(write_digits(sys.argv[1] if len(sys.argv) > 1 else "runs/digits/data"))
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dmd2.digits.data",
+                                     description="Write the digits' train/ and heldout/ class folders (a few seconds).")
+    parser.add_argument("out", nargs="?", default="runs/digits/data", help="folder to write (default: %(default)s)")
+    print(write_digits(parser.parse_args(argv).out))
+
+
+if __name__ == "__main__":
+    main()

@@ -102,6 +102,7 @@ def measure_speed(rows: list[Row], runs: dict[str, Path], teacher_dir: Path, n: 
 def comparison_grid(rows: list[Row], folders: dict[str, Path], path: Path, per_class: int = 2, scale: int = 4) -> Path:
     """One row of digits 0..9 (``per_class`` rows each) per sampler, named on the left."""
     from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
 
     from ..generate import load_images
 
@@ -115,10 +116,11 @@ def comparison_grid(rows: list[Row], folders: dict[str, Path], path: Path, per_c
     y = 16
     for name in names:
         draw.text((4, y + per_class * (cell + pad) // 2 - 6), name, fill="black")
-        images = load_images(folders[name], range(per_class * NUM_CLASSES)).numpy()
-        for i, arr in enumerate(images):
-            tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
-            img.paste(tile, (left + (i % NUM_CLASSES) * (cell + pad), y + (i // NUM_CLASSES) * (cell + pad)))
+        images = load_images(folders[name], range(per_class * NUM_CLASSES)).permute(0, 3, 1, 2)
+        tiles = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)  # nearest-neighbour upscale
+        # image i (class i mod 10) in column i mod 10; make_grid's border of `pad` sits above and left of it
+        block = make_grid(tiles, nrow=NUM_CLASSES, padding=pad, pad_value=255)
+        img.paste(Image.fromarray(block.permute(1, 2, 0).numpy()), (left - pad, y - pad))
         y += per_class * (cell + pad) + 6
     img.save(path)
     return path
