@@ -29,6 +29,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _folder_option(path: Path | None, name: str) -> None:
+    """A folder to write that is an existing file fails here, before any model loads."""
+    if path is not None and path.exists() and not path.is_dir():
+        _fail(f"{name} {path}: is a file, not a folder; choose a folder")
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/sdxl_4step.yaml."),
@@ -52,6 +58,7 @@ def train(
     if dry_run:
         typer.echo(recipe_to_yaml(cfg), nl=False)
         return
+    _folder_option(Path(cfg.output_dir), "output_dir:")
     import warnings
 
     from .checkpoint import CheckpointError
@@ -123,6 +130,8 @@ def sample(
     num_images: int = typer.Option(None, "--num-images", help="Images in all (conditions cycle); default: one per "
                                    "prompt or label."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass (per rank)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="OUT already holds images: delete them (and "
+                                   "images.jsonl, grid.png) and draw the new ones."),
     local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Draw images with a distilled generator: OUT/000000.png ..., images.jsonl, grid.png.
@@ -133,6 +142,7 @@ def sample(
         _fail(f"--labels {labels!r}: the only value is 'all' (or pass --label N, repeatable)")
     if labels and label:
         _fail("pass --label N or --labels all, not both")
+    _folder_option(out, "--out")
     ts = _timesteps(timesteps)
     from .errors import UserError
 
@@ -144,7 +154,7 @@ def sample(
         from .generate import sample_to_folder
 
         folder = sample_to_folder(source, out, prompts=prompts, labels=list(label or []), steps=steps, timesteps=ts,
-                                  seed=seed, num_images=num_images, batch_size=batch_size)
+                                  seed=seed, num_images=num_images, batch_size=batch_size, overwrite=overwrite)
     except UserError as e:
         _fail(str(e))
     typer.echo(str(folder))
@@ -190,6 +200,9 @@ def eval_(
         _fail(f"--ref-stats {ref_stats}: no such file")
     if feature_extractor is not None and not feature_extractor.is_file():
         _fail(f"--feature-extractor {feature_extractor}: no such file")
+    if out is not None and out.is_dir():  # eval's --out is the report file; the report would be lost at the end
+        _fail(f"--out {out}: is a folder; --out names the JSON report file to write, e.g. {out / 'report.json'}")
+    _folder_option(images_dir, "--images-dir")
     ts = _timesteps(timesteps)
     from .errors import UserError
 
@@ -223,6 +236,7 @@ def export(
 ) -> None:
     """Export a run's generator for diffusers, ComfyUI or A1111; recipe, step and timesteps go into
     OUT/dmd2.json and the safetensors metadata."""
+    _folder_option(out, "--out")
     from .errors import UserError
 
     try:

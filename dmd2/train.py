@@ -20,6 +20,7 @@ from .files import sha256_file
 from .logs import RunLogger
 from .models import Conditioner, cond_to, load_teacher
 from .models.roles import build_roles, set_phase
+from .runlock import RunLock
 from .sampling import Noise, sample
 
 # Recipe fields that may change when a run is resumed; any other change is refused.
@@ -211,7 +212,8 @@ def train(recipe: Recipe) -> Path:
     t = recipe.train
     rank, world = engines.init_distributed(timeout_s=t.collective_timeout_s)
     try:
-        return _train(recipe, rank, world)
+        with RunLock(recipe.output_dir, enabled=rank == 0):  # first: a second writer is refused before it writes
+            return _train(recipe, rank, world)
     except RuntimeError as e:
         # gloo/nccl raise when a peer died or a collective timed out: say so in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,121 @@
+"""The first hour of a new user: one writer per run folder, paths that are files, a full disk
+during a save, phase lines and --quiet, a console line that shows the generator, hub ids that
+are not cached while offline. Runs go through the real CLI, faults through DMD2_FAULT."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import REPO, cli_cmd, cli_env, metrics, run_cli
+
+from dmd2.errors import UserError
+from dmd2.runlock import LOCK, RunLock
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    return tiny_teacher("sd15")
+
+
+def _train_args(teacher, run, steps, *extra):
+    return ["train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", f"output_dir={run}",
+            f"train.max_steps={steps}", *extra]
+
+
+def _last_line(res) -> str:
+    return (res.stdout + res.stderr).strip().splitlines()[-1]
+
+
+def _one_line_error(res) -> str:
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per run folder
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path, capsys):
+    run = tmp_path / "run"
+    with RunLock(run):
+        held = json.loads((run / LOCK).read_text())
+        assert held["host"] == socket.gethostname() and isinstance(held["pid"], int)
+        with pytest.raises(UserError) as e, RunLock(run):
+            pass
+        assert str(run) in str(e.value) and f"pid {held['pid']}" in str(e.value) and "\n" not in str(e.value)
+    assert not run.exists()  # the lock made the folder and nothing else was written: no trace left
+
+    run.mkdir()
+    dead = _dead_pid()
+    (run / LOCK).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "earlier"}))
+    capsys.readouterr()
+    with RunLock(run):
+        out = capsys.readouterr().out
+        assert "lock" in out and f"pid {dead}" in out and str(run) in out
+        assert json.loads((run / LOCK).read_text())["pid"] != dead
+    assert run.is_dir() and not (run / LOCK).exists()  # a folder it did not make stays
+
+
+def test_second_train_on_the_same_folder_exits_2_and_touches_nothing(teacher, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(cli_cmd(*_train_args(teacher, run, 10_000, "train.checkpoint_every=100000")), cwd=REPO,
+                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").exists() and metrics(run)) and time.time() < deadline:
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        # what the second run would rewrite or clean up if it went ahead
+        recipe = run / "recipe.yaml"
+        before = (recipe.read_bytes(), recipe.stat().st_mtime_ns)
+        partial = run / "checkpoints" / "step_99999999"
+        partial.mkdir(parents=True)
+        t0 = time.time()
+        second = run_cli(*_train_args(teacher, run, 20), timeout=120)
+        elapsed = time.time() - t0
+        assert first.poll() is None, "the first run stopped"
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert elapsed < 30, elapsed
+    last = _last_line(second)
+    assert str(run) in last and f"pid {first.pid}" in last and socket.gethostname() in last, last
+    assert "Traceback" not in second.stderr
+    assert (recipe.read_bytes(), recipe.stat().st_mtime_ns) == before
+    assert partial.is_dir(), "the refused run cleaned up the folder"
+    assert first.returncode == 0, err[-2000:]
+    steps = [r["step"] for r in metrics(run)]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: every step once, in order
+    assert not (run / LOCK).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# paths that are files
+
+
+def test_paths_that_are_files_are_one_line_errors(teacher, tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("keep me")
+    for args in (_train_args(teacher, file, 1), ["sample", tmp_path / "nope", "--out", file, "--prompt", "a"],
+                 ["export", tmp_path / "nope", "--out", file]):
+        t0 = time.time()
+        msg = _one_line_error(run_cli(*args))
+        assert time.time() - t0 < 15
+        assert str(file) in msg and "is a file" in msg, msg
+    assert file.read_text() == "keep me"
+
+
