@@ -61,7 +61,7 @@ def train(
     _folder_option(Path(cfg.output_dir), "output_dir:")
     import warnings
 
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, DiskFull
     from .errors import UserError
     from .train import TrainingStopped
     from .train import train as run_training
@@ -73,7 +73,7 @@ def train(
         run_training(cfg)
     except (UserError, CheckpointError) as e:
         _fail(str(e))
-    except TrainingStopped as e:
+    except (TrainingStopped, DiskFull) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 

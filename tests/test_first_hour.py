@@ -12,6 +12,7 @@ import time
 import pytest
 from helpers import REPO, cli_cmd, cli_env, metrics, run_cli
 
+from dmd2 import checkpoint
 from dmd2.errors import UserError
 from dmd2.runlock import LOCK, RunLock
 
@@ -117,5 +118,38 @@ def test_paths_that_are_files_are_one_line_errors(teacher, tmp_path):
         assert time.time() - t0 < 15
         assert str(file) in msg and "is a file" in msg, msg
     assert file.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk during a save
+
+SAVE_POINTS = ["save_after_generator", "save_after_guidance", "save_before_commit", "save_after_commit",
+               "rotate_after_uncommit"]
+
+
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_full_disk_at_each_save_point_keeps_the_last_checkpoint(teacher, tmp_path, point):
+    """ENOSPC while saving step 2 (step 1 committed; keep_last=1, so step 2's save also rotates
+    step 1 out): one line naming the folder and the space a checkpoint needs, exit 1; the newest
+    committed checkpoint verifies, nothing half-written is left, and the same command resumes."""
+    run = tmp_path / "run"
+    args = _train_args(teacher, run, 2, "train.checkpoint_every=1", "train.keep_last=1")
+    res = run_cli(*args, fault=f"enospc:{point}@2")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert "no space left on device" in last and str(run / "checkpoints") in last and "step 2" in last, last
+    assert "GiB" in last and "the size of step_00000001" in last, last
+    committed = point in ("save_after_commit", "rotate_after_uncommit")  # the fault came after the commit
+    newest = checkpoint.latest(run)
+    assert checkpoint.verify(newest)["step"] == (2 if committed else 1)
+    assert newest.name in last
+    assert all(checkpoint.is_committed(d) for d in (run / "checkpoints").iterdir())  # partial folders removed
+    assert not (run / LOCK).exists()
+
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"resumed from {newest}" in res.stdout
+    assert checkpoint.verify(checkpoint.latest(run))["step"] == 2
 
 
