@@ -35,12 +35,16 @@ def _folder_option(path: Path | None, name: str) -> None:
         _fail(f"{name} {path}: is a file, not a folder; choose a folder")
 
 
+QUIET_HELP = "No start-up phase lines or progress bars (errors, warnings and the summary still print)."
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/sdxl_4step.yaml."),
     overrides: list[str] = typer.Argument(None, help="key.path=value overrides, applied before validation "
                                           "(e.g. model.teacher=PATH train.max_steps=100)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit without loading models."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Train (or resume) a DMD2 generator from RECIPE.
@@ -63,12 +67,14 @@ def train(
 
     from .checkpoint import CheckpointError, DiskFull
     from .errors import UserError
+    from .logs import set_quiet
     from .train import TrainingStopped
     from .train import train as run_training
 
     # DeepSpeed's ZeRO-3 collectives use torch APIs deprecated in torch 2.14; one warning per call
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
+    set_quiet(quiet)
     try:
         run_training(cfg)
     except (UserError, CheckpointError) as e:
@@ -189,6 +195,7 @@ def eval_(
     teacher_steps: int = typer.Option(25, "--teacher-steps", min=1, help="Teacher sampling steps (with --teacher)."),
     teacher_cfg: float = typer.Option(None, "--teacher-cfg", help="Teacher CFG scale (default: the recipe's loss.cfg_scale)."),
     out: Path = typer.Option(None, "--out", help="Write the JSON report here (and to the run's wandb, if it logs there)."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Measure a generator (and optionally its teacher): FID, patch FID, CLIP score -> a JSON report."""
@@ -205,7 +212,9 @@ def eval_(
     _folder_option(images_dir, "--images-dir")
     ts = _timesteps(timesteps)
     from .errors import UserError
+    from .logs import set_quiet
 
+    set_quiet(quiet)
     try:
         _quiet_loaders()
         from .evaluate import evaluate

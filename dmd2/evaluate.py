@@ -151,13 +151,14 @@ def image_features(images: torch.Tensor, extractor: Callable, protocol: Protocol
 
 
 def folder_features(folder: str | Path, extractor: Callable, protocol: Protocol = Protocol(),
-                    batch_size: int = 64, device="cpu") -> np.ndarray:
-    """Features of every image under ``folder`` (clean-fid's own folder reader, offline settings)."""
+                    batch_size: int = 64, device="cpu", progress: str | None = None) -> np.ndarray:
+    """Features of every image under ``folder`` (clean-fid's own folder reader, offline settings);
+    ``progress``: the description of clean-fid's progress bar, None for none."""
     from cleanfid.fid import get_folder_features
 
     return get_folder_features(str(folder), extractor, num_workers=0, batch_size=batch_size,
-                               device=torch.device(device), mode="clean", verbose=False,
-                               custom_image_tranform=protocol.transform)
+                               device=torch.device(device), mode="clean", verbose=progress is not None,
+                               description=progress or "", custom_image_tranform=protocol.transform)
 
 
 def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +186,8 @@ def default_cache() -> Path:
 
 
 def reference_stats(ref: str | Path, extractor: FeatureExtractor | None = None, protocol: Protocol = Protocol(), *,
-                    cache_dir: str | Path | None = None, batch_size: int = 64, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+                    cache_dir: str | Path | None = None, batch_size: int = 64, device="cpu",
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of a reference: a statistics .npz (keys mu, sigma, as clean-fid writes them),
     or a folder of images, computed once and cached under a key of extractor + protocol + files."""
     ref = Path(ref)
@@ -207,7 +209,8 @@ def reference_stats(ref: str | Path, extractor: FeatureExtractor | None = None, 
     if path.is_file():
         with np.load(path) as f:
             return f["mu"], f["sigma"]
-    mu, sigma = stats(folder_features(ref, extractor, protocol, batch_size, device))
+    mu, sigma = stats(folder_features(ref, extractor, protocol, batch_size, device,
+                                      progress="reference statistics" if progress else None))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
     np.savez(tmp, mu=mu, sigma=sigma, n=len(files))
@@ -222,7 +225,6 @@ def reference_stats(ref: str | Path, extractor: FeatureExtractor | None = None, 
 def load_clip(name: str, device="cpu"):
     """(CLIPModel, processor) from a hub id or a local folder, through transformers."""
     from transformers import AutoProcessor, CLIPModel
-
     try:
         model = CLIPModel.from_pretrained(name).to(device).eval()
         processor = AutoProcessor.from_pretrained(name)
@@ -274,11 +276,15 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     """
     import tempfile
 
+    from tqdm import tqdm
+
     from .data import load_prompts
     from .engines import device as default_device
+    from .logs import progress_on
 
     t0 = time.time()
     rank, world = dist_env()
+    show = progress_on()  # rank 0, not --quiet
     # Everything that can be checked without models, first.
     if not (fid or clip or extra_metrics):
         raise UserError("nothing to measure: pass --fid and/or --clip")
@@ -296,6 +302,8 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         else:
             raise UserError("under the launcher, pass --images-dir (a folder every rank can write) or --out")
     images_dir = Path(images_dir)
+    if images_dir.exists() and not images_dir.is_dir():
+        raise UserError(f"images folder {images_dir}: is a file, not a folder; pass --images-dir FOLDER")
     device = device or default_device()
     prompts = load_prompts(prompts_file, "--prompts-file") if prompts_file else ()
 
@@ -316,19 +324,25 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
             extractor = (feature_extractor if isinstance(feature_extractor, FeatureExtractor)
                          else load_feature_extractor(feature_extractor, device))
             refs = {name: reference_stats(ref, extractor, p, cache_dir=stats_cache, batch_size=batch_size * 8,
-                                          device=device) for name, p in protocols.items()}
+                                          device=device, progress=show) for name, p in protocols.items()}
         if clip:
             clipper = load_clip(clip_model, device)
 
     def score(folder: Path, prefix: str) -> list[dict]:
         found = []
         for name, p in protocols.items():
-            mu, sigma = stats(folder_features(folder, extractor, p, batch_size * 8, device))
+            mu, sigma = stats(folder_features(folder, extractor, p, batch_size * 8, device,
+                                              progress=f"{prefix}{name} features" if show else None))
             found.append({"name": prefix + name, "value": frechet_distance(mu, sigma, *refs[name])})
         if clip:
-            cos = torch.cat([clip_scores(load_images(folder, range(i, min(i + 256, len(conds)))), conds[i:i + 256],
-                                         *clipper) for i in range(0, len(conds), 256)])
-            found.append({"name": prefix + "clip_score", "value": float(cos.mean())})
+            cos = []
+            with tqdm(total=len(conds), desc=f"{prefix}CLIP score", unit="img", disable=not show,
+                      dynamic_ncols=True) as bar:
+                for i in range(0, len(conds), 256):
+                    cos.append(clip_scores(load_images(folder, range(i, min(i + 256, len(conds)))), conds[i:i + 256],
+                                           *clipper))
+                    bar.update(len(cos[-1]))
+            found.append({"name": prefix + "clip_score", "value": float(torch.cat(cos).mean())})
         if extra_metrics:
             images = load_images(folder, range(len(conds)))
             found += [{"name": prefix + name, "value": float(fn(images, conds))} for name, fn in extra_metrics.items()]
@@ -336,7 +350,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
 
     metrics: list[dict] = []
     folder = _fresh(images_dir / "student", rank, world)
-    for chunk, images in draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size, progress=rank == 0):
+    for chunk, images in draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size, progress=show):
         save_images(images, chunk, folder)
     barrier(world)
     if rank == 0:
@@ -356,7 +370,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         folder = _fresh(images_dir / f"teacher_{teacher_steps}steps", rank, world)
         for chunk, images in teacher_draw(teacher, conds, seeds, teacher_steps, range(rank, len(conds), world),
                                           batch_size, cfg_scale=cfg, resolution=resolution, device=device,
-                                          progress=rank == 0):
+                                          progress=show):
             save_images(images, chunk, folder)
         barrier(world)
         if rank == 0:

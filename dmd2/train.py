@@ -17,7 +17,7 @@ from .distill import Batch, critic_loss, generator_input, generator_loss
 from .ema import ShardedEMA
 from .errors import UserError
 from .files import sha256_file
-from .logs import RunLogger
+from .logs import RunLogger, phase
 from .models import Conditioner, cond_to, load_teacher
 from .models.roles import build_roles, set_phase
 from .runlock import RunLock
@@ -72,7 +72,8 @@ class Setup:
         self.recipe, self.rank, self.world = recipe, rank, world
         self.device = engines.device()
         m, d, t = recipe.model, recipe.data, recipe.train
-        self.teacher = load_teacher(m.teacher, m.family, m.teacher_config)
+        with phase(f"teacher loaded: {m.teacher}"):
+            self.teacher = load_teacher(m.teacher, m.family, m.teacher_config)
         fam = self.teacher.family
         self.resolution = t.resolution or self.teacher.resolution
         if self.resolution % (self.teacher.vae_scale_factor * 2 ** (len(self.teacher.unet.config.block_out_channels) - 1)):
@@ -231,6 +232,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     run_dir = Path(recipe.output_dir)
     check_resume_compatible(run_dir, recipe)
     s = Setup(recipe, rank, world)
+    ready = phase("engines ready")
     generator, guidance = build_roles(s.teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
                                       resolution=s.resolution, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing)
     bf16 = engines.use_bf16(t.precision)
@@ -241,6 +243,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     guidance_engine = engines.build_engine(guidance, recipe.optim.critic, ds["critic"], t.max_steps)
     guide = guidance_engine.module  # the generator phase calls the module, never the engine (Trap 1)
     ema = ShardedEMA(gen_engine, t.ema_decay) if t.ema_decay > 0 else None
+    ready.done()
 
     # Resume from the newest committed checkpoint that verifies (or the one asked for).
     ckpt, warnings = checkpoint.resolve_resume(run_dir, t.resume_from, rank, world)

@@ -153,3 +153,37 @@ def test_full_disk_at_each_save_point_keeps_the_last_checkpoint(teacher, tmp_pat
     assert checkpoint.verify(checkpoint.latest(run))["step"] == 2
 
 
+# ---------------------------------------------------------------------------------------------
+# what the console says
+
+
+def test_console_line_shows_the_generator_and_phases_are_timed(teacher, tmp_path):
+    """update_ratio 5, log_every 10: the generator steps are 1 and 6, the printed step is 10."""
+    run = tmp_path / "run"
+    res = run_cli(*_train_args(teacher, run, 10, "train.update_ratio=5", "logging.log_every=10",
+                               "train.checkpoint_every=10"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    printed = [line for line in lines if line.startswith("step ")]
+    assert len(printed) == 1 and printed[0].startswith("step 10/10")
+    assert "loss_dm" in printed[0] and "loss_gan_g" in printed[0] and "loss_critic" in printed[0]
+    assert "mean of 2" in printed[0] and "gen updates 2" in printed[0], printed[0]
+    # metrics.jsonl is unchanged: one row per step, generator losses on generator steps only
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["step"] for r in rows if "loss_dm" in r] == [1, 6]
+    # one timed line per start-up phase, in order, before the first step
+    order = [next(i for i, line in enumerate(lines) if line.startswith(p))
+             for p in (f"teacher loaded: {teacher} (", "conditioning cache ", "engines ready (", "step 10/10")]
+    assert order == sorted(order), lines
+    assert lines[order[1]].split(":")[0] in ("conditioning cache built", "conditioning cache found")
+
+
+def test_quiet_train_prints_no_phases_or_bars(teacher, tmp_path):
+    res = run_cli("train", "--quiet", *_train_args(teacher, tmp_path / "run", 1)[1:], DMD2_CACHE_DIR=tmp_path / "c")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for phase in ("teacher loaded", "conditioning cache", "engines ready"):
+        assert phase not in res.stdout + res.stderr
+    assert "step 1/1" in res.stdout and res.stdout.strip().splitlines()[-1].startswith("done: 1 steps")
+
+
