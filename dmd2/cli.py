@@ -63,10 +63,17 @@ def train(
         typer.echo(recipe_to_yaml(cfg), nl=False)
         return
     _folder_option(Path(cfg.output_dir), "output_dir:")
+    from . import hub
+    from .errors import UserError
+
+    if not cfg.model.teacher.endswith((".safetensors", ".ckpt")):
+        try:  # a hub id neither cached nor reachable fails in a second, not after loading torch
+            hub.require(cfg.model.teacher, "unet/config.json", what="model.teacher", instead=hub.TEACHER_INSTEAD)
+        except UserError as e:
+            _fail(str(e))
     import warnings
 
     from .checkpoint import CheckpointError, DiskFull
-    from .errors import UserError
     from .logs import set_quiet
     from .train import TrainingStopped
     from .train import train as run_training

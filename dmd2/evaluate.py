@@ -36,6 +36,7 @@ from .generate import (
     conditions,
     dist_env,
     draw,
+    is_export,
     load_generator,
     load_images,
     save_images,
@@ -46,9 +47,11 @@ from .generate import (
 
 # clean-fid downloads its Inception here (features.py); nothing else is fetched by this module.
 INCEPTION = Path("/tmp") / "inception-2015-12-05.pt"
-NO_EXTRACTOR = ("--fid needs a feature extractor and clean-fid's Inception cannot be downloaded here: pass "
-                "--feature-extractor PATH (a TorchScript module: N x 3 x H x W floats in [0, 255] -> N x D "
-                "features; clean-fid's inception-2015-12-05.pt works)")
+NO_EXTRACTOR = ("--fid needs a feature extractor and clean-fid's Inception is not in {path} and cannot be "
+                "downloaded ({why}): pass --feature-extractor PATH (a TorchScript module: N x 3 x H x W floats in "
+                "[0, 255] -> N x D features; clean-fid's inception-2015-12-05.pt works)")
+DOWNLOAD_TIMEOUT_S = 20  # per network operation: no network should fail fast, not hang
+CLIP_INSTEAD = "--clip-model PATH of a local folder holding a transformers CLIPModel and its processor"
 
 
 @dataclass(frozen=True)
@@ -99,18 +102,36 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+def _no_extractor(why: str) -> UserError:
+    return UserError(NO_EXTRACTOR.format(path=INCEPTION, why=why))
+
+
+def _download_inception() -> None:
+    """clean-fid's own download, with a timeout (it has none) and into a temporary folder first, so
+    an interrupted download never leaves a truncated file where the next run would load it."""
+    import socket
+    import tempfile
+
+    from cleanfid.downloads_helper import check_download_inception
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urllib, as clean-fid calls it, uses the default
+    try:
+        with tempfile.TemporaryDirectory(dir=INCEPTION.parent) as tmp:
+            os.replace(check_download_inception(fpath=tmp), INCEPTION)
+    except Exception as e:  # no network, proxy, timeout, full disk: all mean "pass one"
+        raise _no_extractor(str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__) from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
 def load_feature_extractor(path: str | Path | None = None, device="cpu") -> FeatureExtractor:
     """A TorchScript feature extractor; None: clean-fid's Inception (downloaded once, if possible)."""
     if path is None:
         if not INCEPTION.is_file():
             if _offline():
-                raise UserError(NO_EXTRACTOR)
-            try:
-                from cleanfid.downloads_helper import check_download_inception
-
-                check_download_inception(fpath=str(INCEPTION.parent))
-            except Exception:  # no network, proxy, partial file: all mean "pass one"
-                raise UserError(NO_EXTRACTOR) from None
+                raise _no_extractor("offline: HF_HUB_OFFLINE is set")
+            _download_inception()
         path = INCEPTION
     path = Path(path)
     if not path.is_file():
@@ -225,6 +246,10 @@ def reference_stats(ref: str | Path, extractor: FeatureExtractor | None = None, 
 def load_clip(name: str, device="cpu"):
     """(CLIPModel, processor) from a hub id or a local folder, through transformers."""
     from transformers import AutoProcessor, CLIPModel
+
+    from .hub import require
+
+    require(name, "config.json", what="--clip-model", instead=CLIP_INSTEAD)
     try:
         model = CLIPModel.from_pretrained(name).to(device).eval()
         processor = AutoProcessor.from_pretrained(name)
@@ -292,6 +317,14 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         raise UserError("--fid needs --ref-dir (a folder of reference images) or --ref-stats (a statistics .npz)")
     if clip and not clip_model:
         raise UserError("--clip needs --clip-model (a hub id or a local CLIP folder)")
+    if not (is_export(source) or (Path(source) / "recipe.yaml").is_file()):
+        load_generator(source)  # not a model folder: its one-line error comes first, before any model loads
+    if clip:
+        from .hub import require
+
+        require(clip_model, "config.json", what="--clip-model", instead=CLIP_INSTEAD)  # fast, before any model
+    if fid and feature_extractor is None and not INCEPTION.is_file() and _offline():
+        raise _no_extractor("offline: HF_HUB_OFFLINE is set")
     if teacher_steps is not None:
         teacher_timesteps(teacher_steps)
     if images_dir is None:

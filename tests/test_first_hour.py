@@ -187,3 +187,34 @@ def test_quiet_train_prints_no_phases_or_bars(teacher, tmp_path):
     assert "step 1/1" in res.stdout and res.stdout.strip().splitlines()[-1].startswith("done: 1 steps")
 
 
+# ---------------------------------------------------------------------------------------------
+# hub ids that are not in the local cache
+
+
+def test_uncached_hub_teacher_offline_is_one_fast_line(tmp_path):
+    t0 = time.time()
+    msg = _one_line_error(run_cli(*_train_args("some-org/some-model", tmp_path / "run", 1), HF_HUB_OFFLINE="1"))
+    assert time.time() - t0 < 10
+    assert "'some-org/some-model'" in msg and "not in the local Hugging Face cache" in msg and "offline" in msg
+    assert "local diffusers folder" in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_hub_is_one_fast_line_without_retries(tmp_path):
+    """Not offline, but nothing answers (a closed local port as the hub): no 20 s of retries."""
+    t0 = time.time()
+    res = run_cli(*_train_args("some-org/some-model", tmp_path / "run", 1), HF_HUB_OFFLINE="0",
+                  HF_ENDPOINT="http://127.0.0.1:9")
+    msg = _one_line_error(res)
+    assert time.time() - t0 < 10
+    assert "'some-org/some-model'" in msg and "cannot be reached" in msg and "local diffusers folder" in msg
+
+
+def test_uncached_clip_model_offline_is_one_fast_line(tmp_path):
+    run = tmp_path / "run"  # the CLIP check comes before the generator loads
+    run.mkdir()
+    (run / "recipe.yaml").write_text("not read\n")
+    t0 = time.time()
+    msg = _one_line_error(run_cli("eval", run, "--clip", "--clip-model", "some-org/some-clip", HF_HUB_OFFLINE="1"))
+    assert time.time() - t0 < 20
+    assert "--clip-model 'some-org/some-clip'" in msg and "offline" in msg and "local folder" in msg
