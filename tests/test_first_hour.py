@@ -218,3 +218,15 @@ def test_uncached_clip_model_offline_is_one_fast_line(tmp_path):
     msg = _one_line_error(run_cli("eval", run, "--clip", "--clip-model", "some-org/some-clip", HF_HUB_OFFLINE="1"))
     assert time.time() - t0 < 20
     assert "--clip-model 'some-org/some-clip'" in msg and "offline" in msg and "local folder" in msg
+
+
+def test_uncached_tiny_vae_offline_fails_before_the_generator_loads(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from dmd2.serve import load_demo
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as e:  # tmp_path is no run folder: loading it would fail differently
+        load_demo(tmp_path, tiny_vae="some-org/some-taesd")
+    msg = str(e.value)
+    assert "--tiny-vae 'some-org/some-taesd'" in msg and "offline" in msg and "AutoencoderTiny folder" in msg
