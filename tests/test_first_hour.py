@@ -217,7 +217,8 @@ def test_uncached_clip_model_offline_is_one_fast_line(tmp_path):
     t0 = time.time()
     msg = _one_line_error(run_cli("eval", run, "--clip", "--clip-model", "some-org/some-clip", HF_HUB_OFFLINE="1"))
     assert time.time() - t0 < 20
-    assert "--clip-model 'some-org/some-clip'" in msg and "offline" in msg and "local folder" in msg
+    assert "--clip-model 'some-org/some-clip'" in msg and "not in the local Hugging Face cache" in msg
+    assert "offline" in msg and "local folder" in msg
 
 
 def test_uncached_tiny_vae_offline_fails_before_the_generator_loads(tmp_path, monkeypatch):
