@@ -48,7 +48,11 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         if self.enabled:
-            self.acquire()
+            try:
+                self.acquire()
+            except BaseException:
+                self.release()  # __exit__ is not called when __enter__ raises
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -78,6 +82,13 @@ class RunLock:
                 os.close(fd)
                 raise UserError(f"output_dir: {self.run_dir} is in use by another dmd2 train ({_holder(text)}); "
                                 "wait for it to finish or stop it, or choose another output_dir") from None
+            except OSError as e:  # a filesystem without locks (some network mounts): run, but say so
+                os.close(fd)
+                print(f"warning: {self.run_dir}: cannot lock the run folder ({e.strerror}); nothing stops a "
+                      "second dmd2 train from writing to it", flush=True)
+                if self.path.stat().st_size == 0:  # the empty file we just made
+                    self.path.unlink()
+                return
             # The holder before us may have unlinked the file between our open and our flock
             # (release removes it): then we hold a lock on a file nobody else will see. Retry.
             try:
@@ -99,15 +110,15 @@ class RunLock:
         self.fd = fd
 
     def release(self) -> None:
-        if self.fd is None:
-            return
-        # Unlink while still holding the lock: a process waiting on this file then sees a
-        # different inode (or none) and retries on a fresh file instead of sharing a dead one.
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-        self.fd = None
+        if self.fd is not None:
+            # Unlink while still holding the lock: a process waiting on this file then sees a
+            # different inode (or none) and retries on a fresh file instead of sharing a dead one.
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
         for folder in self.created:  # only folders we made, and only if nothing was written in them
             try:
                 folder.rmdir()
             except OSError:
                 break
+        self.created = []
