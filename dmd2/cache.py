@@ -102,6 +102,7 @@ class Builder:
         self.prompts, self.real = prompts, real
         self.encode_prompts, self.encode_images, self.uncond = encode_prompts, encode_images, uncond
         self.sample_shape = tuple(sample_shape)
+        self.tick: Callable[[int], object] = lambda rows: None  # progress: rows encoded
 
     def tasks(self) -> list[str]:
         names = ["uncond"] if self.uncond is not None else []
@@ -111,15 +112,29 @@ class Builder:
             names += [f"images_{c:05d}" for c in range(-(-len(self.real) // CHUNK))]
         return names
 
+    def rows(self, name: str) -> int:
+        """Items task ``name`` encodes (what the progress bar counts)."""
+        if name == "uncond":
+            return 1
+        kind, c = name.split("_")
+        return min(CHUNK, len(self.prompts if kind == "prompts" else self.real) - int(c) * CHUNK)
+
     def build(self, name: str) -> dict[str, torch.Tensor]:
         if name == "uncond":
-            return {k: v[:1] for k, v in self.uncond().items()}
+            out = {k: v[:1] for k, v in self.uncond().items()}
+            self.tick(1)
+            return out
         kind, c = name.split("_")
         lo = int(c) * CHUNK
         if kind == "prompts":
             items = list(self.prompts[lo:lo + CHUNK])
-            return _cat([self.encode_prompts(items[i:i + ENCODE_BATCH]) for i in range(0, len(items), ENCODE_BATCH)])
+            return _cat([self._encode(items[i:i + ENCODE_BATCH]) for i in range(0, len(items), ENCODE_BATCH)])
         return self._images(lo, min(lo + CHUNK, len(self.real)))
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        out = self.encode_prompts(prompts)
+        self.tick(len(prompts))
+        return out
 
     def _images(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         from .data import _load_image
@@ -131,10 +146,12 @@ class Builder:
             except (OSError, ValueError, SyntaxError):  # as RealImages.load: skipped, counted
                 pass
         good = sorted(loaded)
+        self.tick(hi - lo - len(good))
         latents = torch.zeros(hi - lo, *self.sample_shape)
         for i in range(0, len(good), ENCODE_BATCH):
             rows = good[i:i + ENCODE_BATCH]
             latents[rows] = self.encode_images(torch.stack([loaded[r] for r in rows])).float().cpu()
+            self.tick(len(rows))
         out = {"latents": latents, "ok": torch.tensor([r in loaded for r in range(hi - lo)], dtype=torch.uint8)}
         if self.encode_prompts is not None:
             captions = [self.real.items[k].caption or "" for k in range(lo, hi)]
@@ -156,18 +173,29 @@ def open_or_build(root: str | Path, inputs: dict, builder: Builder, *, rank: int
     cache folder that is not shared between nodes) is built locally, so all ranks end up with
     the same files and take the same path through the barriers.
     """
+    from tqdm import tqdm
+
+    from .logs import phase, progress_on
+
     folder = Path(root) / cache_key(inputs)
-    if not (folder / META).is_file():
+    found = (folder / META).is_file()
+    clock = phase("conditioning cache")
+    if not found:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"data.cache: cannot create {str(folder)!r} ({e.strerror}); set DMD2_CACHE_DIR to a "
                             "writable folder, or data.cache=false") from None
         tasks = builder.tasks()
-        for i, name in enumerate(tasks):
-            path = folder / f"{name}.safetensors"
-            if i % world == rank and not path.is_file():
-                _save(builder.build(name), path)
+        mine = [name for i, name in enumerate(tasks)
+                if i % world == rank and not (folder / f"{name}.safetensors").is_file()]
+        # rank 0's share, as the bar's measure of the whole (ranks build equal shares)
+        with tqdm(total=sum(builder.rows(n) for n in mine), desc="conditioning cache", unit="item",
+                  disable=not progress_on() or not mine, dynamic_ncols=True) as bar:
+            builder.tick = bar.update
+            for name in mine:
+                _save(builder.build(name), folder / f"{name}.safetensors")
+            builder.tick = lambda rows: None
     _barrier()
     if not (folder / META).is_file():
         for name in builder.tasks():
@@ -181,6 +209,8 @@ def open_or_build(root: str | Path, inputs: dict, builder: Builder, *, rank: int
         os.replace(tmp, folder / META)
     _barrier()
     cache = ConditioningCache(folder)
+    clock.done(f"conditioning cache {'found' if found else 'built'}: {cache.num_prompts} prompts / {cache.images} "
+               f"images in {folder}")
     if cache.images and len(cache.bad) > max_bad_fraction * cache.images:
         bad = cache.bad[0]
         path = builder.real.items[bad].path if builder.real is not None else bad

@@ -16,6 +16,7 @@ never parsed from a folder name.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -30,6 +31,11 @@ TAGS = ("generator", "guidance")
 
 class CheckpointError(Exception):
     """A checkpoint that is incomplete or corrupt; str(e) names the file."""
+
+
+class DiskFull(Exception):
+    """The disk filled up during a save; str(e) is one line naming the folder and the space a
+    checkpoint needs. The half-written checkpoint is removed; the previous one stays valid."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -130,12 +136,58 @@ def clean_partial(run_dir: Path) -> list[Path]:
     return removed
 
 
+def _size(folder: Path | None) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder is not None and folder.is_dir() else 0
+
+
+def _disk_full(e: BaseException, folder: Path, needed: int) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch.save reports a failed write as RuntimeError ("PytorchStreamWriter failed writing file ...")
+    try:
+        return "writ" in str(e).lower() and shutil.disk_usage(folder).free < max(needed, 1 << 20)
+    except OSError:
+        return False
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def save(run_dir: Path, step: int, gen_engine, guidance_engine, state: dict, *, keep_last: int, rank: int,
          protect: Path | None = None, ema=None) -> Path:
-    """Save both engines collectively; commit on rank 0 after every rank's manifest; rotate."""
+    """Save both engines collectively; commit on rank 0 after every rank's manifest; rotate.
+
+    A full disk raises DiskFull (one line: the folder, the space a checkpoint needs) after
+    removing the uncommitted folder; the newest committed checkpoint is never touched by it."""
+    ckpt = checkpoints_dir(run_dir) / f"step_{step:08d}"
+    previous = latest(run_dir)
+    needed = _size(previous)  # now: a same-step leftover is deleted by the save
+    try:
+        return _save(run_dir, ckpt, step, gen_engine, guidance_engine, state, keep_last=keep_last, rank=rank,
+                     protect=protect, ema=ema)
+    except (OSError, RuntimeError) as e:
+        if not _disk_full(e, ckpt.parent, needed):
+            raise
+        written = _size(ckpt)
+        if rank == 0:
+            clean_partial(run_dir)  # this save's folder, and an old one caught mid-rotation
+        try:
+            free = f"{_gib(shutil.disk_usage(ckpt.parent).free)} free there"
+        except OSError:
+            free = "free space unknown"
+        size = (f"about {_gib(needed)} ({needed} bytes, the size of {previous.name})" if needed
+                else f"more than the {_gib(written)} ({written} bytes) written before the disk filled")
+        good = latest(run_dir)
+        resume = f"resume from {good.name}" if good is not None else "start over"
+        raise DiskFull(f"{ckpt.parent}: no space left on device while saving step {step}; a checkpoint needs {size}, "
+                       f"{free}; free space and re-run the same command to {resume}") from None
+
+
+def _save(run_dir: Path, ckpt: Path, step: int, gen_engine, guidance_engine, state: dict, *, keep_last: int,
+          rank: int, protect: Path | None, ema) -> Path:
     import deepspeed.comm as dist
 
-    ckpt = checkpoints_dir(run_dir) / f"step_{step:08d}"
     if rank == 0 and ckpt.exists():
         _invalidate(ckpt)  # a leftover (or a checkpoint we fell back from) of the same step
     dist.barrier()

@@ -29,12 +29,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _folder_option(path: Path | None, name: str) -> None:
+    """A folder to write that is an existing file fails here, before any model loads."""
+    if path is not None and path.exists() and not path.is_dir():
+        _fail(f"{name} {path}: is a file, not a folder; choose a folder")
+
+
+QUIET_HELP = "No start-up phase lines or progress bars (errors, warnings and the summary still print)."
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/sdxl_4step.yaml."),
     overrides: list[str] = typer.Argument(None, help="key.path=value overrides, applied before validation "
                                           "(e.g. model.teacher=PATH train.max_steps=100)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit without loading models."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Train (or resume) a DMD2 generator from RECIPE.
@@ -52,21 +62,31 @@ def train(
     if dry_run:
         typer.echo(recipe_to_yaml(cfg), nl=False)
         return
+    _folder_option(Path(cfg.output_dir), "output_dir:")
+    from . import hub
+    from .errors import UserError
+
+    if not cfg.model.teacher.endswith((".safetensors", ".ckpt")):
+        try:  # a hub id neither cached nor reachable fails in a second, not after loading torch
+            hub.require(cfg.model.teacher, "unet/config.json", what="model.teacher", instead=hub.TEACHER_INSTEAD)
+        except UserError as e:
+            _fail(str(e))
     import warnings
 
-    from .checkpoint import CheckpointError
-    from .errors import UserError
+    from .checkpoint import CheckpointError, DiskFull
+    from .logs import set_quiet
     from .train import TrainingStopped
     from .train import train as run_training
 
     # DeepSpeed's ZeRO-3 collectives use torch APIs deprecated in torch 2.14; one warning per call
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
+    set_quiet(quiet)
     try:
         run_training(cfg)
     except (UserError, CheckpointError) as e:
         _fail(str(e))
-    except TrainingStopped as e:
+    except (TrainingStopped, DiskFull) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 
@@ -123,6 +143,8 @@ def sample(
     num_images: int = typer.Option(None, "--num-images", help="Images in all (conditions cycle); default: one per "
                                    "prompt or label."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass (per rank)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="OUT already holds images: delete them (and "
+                                   "images.jsonl, grid.png) and draw the new ones."),
     local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Draw images with a distilled generator: OUT/000000.png ..., images.jsonl, grid.png.
@@ -133,6 +155,7 @@ def sample(
         _fail(f"--labels {labels!r}: the only value is 'all' (or pass --label N, repeatable)")
     if labels and label:
         _fail("pass --label N or --labels all, not both")
+    _folder_option(out, "--out")
     ts = _timesteps(timesteps)
     from .errors import UserError
 
@@ -144,7 +167,7 @@ def sample(
         from .generate import sample_to_folder
 
         folder = sample_to_folder(source, out, prompts=prompts, labels=list(label or []), steps=steps, timesteps=ts,
-                                  seed=seed, num_images=num_images, batch_size=batch_size)
+                                  seed=seed, num_images=num_images, batch_size=batch_size, overwrite=overwrite)
     except UserError as e:
         _fail(str(e))
     typer.echo(str(folder))
@@ -179,6 +202,7 @@ def eval_(
     teacher_steps: int = typer.Option(25, "--teacher-steps", min=1, help="Teacher sampling steps (with --teacher)."),
     teacher_cfg: float = typer.Option(None, "--teacher-cfg", help="Teacher CFG scale (default: the recipe's loss.cfg_scale)."),
     out: Path = typer.Option(None, "--out", help="Write the JSON report here (and to the run's wandb, if it logs there)."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Measure a generator (and optionally its teacher): FID, patch FID, CLIP score -> a JSON report."""
@@ -190,9 +214,14 @@ def eval_(
         _fail(f"--ref-stats {ref_stats}: no such file")
     if feature_extractor is not None and not feature_extractor.is_file():
         _fail(f"--feature-extractor {feature_extractor}: no such file")
+    if out is not None and out.is_dir():  # eval's --out is the report file; the report would be lost at the end
+        _fail(f"--out {out}: is a folder; --out names the JSON report file to write, e.g. {out / 'report.json'}")
+    _folder_option(images_dir, "--images-dir")
     ts = _timesteps(timesteps)
     from .errors import UserError
+    from .logs import set_quiet
 
+    set_quiet(quiet)
     try:
         _quiet_loaders()
         from .evaluate import evaluate
@@ -223,6 +252,7 @@ def export(
 ) -> None:
     """Export a run's generator for diffusers, ComfyUI or A1111; recipe, step and timesteps go into
     OUT/dmd2.json and the safetensors metadata."""
+    _folder_option(out, "--out")
     from .errors import UserError
 
     try:

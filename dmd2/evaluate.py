@@ -41,13 +41,15 @@ from .generate import (
     teacher_draw,
     teacher_timesteps,
 )
-from .models.student import load_student, teacher_of
+from .models.student import is_export, load_student, teacher_of
 
 # clean-fid downloads its Inception here (features.py); nothing else is fetched by this module.
 INCEPTION = Path("/tmp") / "inception-2015-12-05.pt"
-NO_EXTRACTOR = ("--fid needs a feature extractor and clean-fid's Inception cannot be downloaded here: pass "
-                "--feature-extractor PATH (a TorchScript module: N x 3 x H x W floats in [0, 255] -> N x D "
-                "features; clean-fid's inception-2015-12-05.pt works)")
+NO_EXTRACTOR = ("--fid needs a feature extractor and clean-fid's Inception is not in {path} and cannot be "
+                "downloaded ({why}): pass --feature-extractor PATH (a TorchScript module: N x 3 x H x W floats in "
+                "[0, 255] -> N x D features; clean-fid's inception-2015-12-05.pt works)")
+DOWNLOAD_TIMEOUT_S = 20  # per network operation: no network should fail fast, not hang
+CLIP_INSTEAD = "--clip-model PATH of a local folder holding a transformers CLIPModel and its processor"
 
 
 @dataclass(frozen=True)
@@ -98,18 +100,36 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+def _no_extractor(why: str) -> UserError:
+    return UserError(NO_EXTRACTOR.format(path=INCEPTION, why=why))
+
+
+def _download_inception() -> None:
+    """clean-fid's own download, with a timeout (it has none) and into a temporary folder first, so
+    an interrupted download never leaves a truncated file where the next run would load it."""
+    import socket
+    import tempfile
+
+    from cleanfid.downloads_helper import check_download_inception
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urllib, as clean-fid calls it, uses the default
+    try:
+        with tempfile.TemporaryDirectory(dir=INCEPTION.parent) as tmp:
+            os.replace(check_download_inception(fpath=tmp), INCEPTION)
+    except Exception as e:  # no network, proxy, timeout, full disk: all mean "pass one"
+        raise _no_extractor(str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__) from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
 def load_feature_extractor(path: str | Path | None = None, device="cpu") -> FeatureExtractor:
     """A TorchScript feature extractor; None: clean-fid's Inception (downloaded once, if possible)."""
     if path is None:
         if not INCEPTION.is_file():
             if _offline():
-                raise UserError(NO_EXTRACTOR)
-            try:
-                from cleanfid.downloads_helper import check_download_inception
-
-                check_download_inception(fpath=str(INCEPTION.parent))
-            except Exception:  # no network, proxy, partial file: all mean "pass one"
-                raise UserError(NO_EXTRACTOR) from None
+                raise _no_extractor("offline: HF_HUB_OFFLINE is set")
+            _download_inception()
         path = INCEPTION
     path = Path(path)
     if not path.is_file():
@@ -150,13 +170,14 @@ def image_features(images: torch.Tensor, extractor: Callable, protocol: Protocol
 
 
 def folder_features(folder: str | Path, extractor: Callable, protocol: Protocol = Protocol(),
-                    batch_size: int = 64, device="cpu") -> np.ndarray:
-    """Features of every image under ``folder`` (clean-fid's own folder reader, offline settings)."""
+                    batch_size: int = 64, device="cpu", progress: str | None = None) -> np.ndarray:
+    """Features of every image under ``folder`` (clean-fid's own folder reader, offline settings);
+    ``progress``: the description of clean-fid's progress bar, None for none."""
     from cleanfid.fid import get_folder_features
 
     return get_folder_features(str(folder), extractor, num_workers=0, batch_size=batch_size,
-                               device=torch.device(device), mode="clean", verbose=False,
-                               custom_image_tranform=protocol.transform)
+                               device=torch.device(device), mode="clean", verbose=progress is not None,
+                               description=progress or "", custom_image_tranform=protocol.transform)
 
 
 def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +205,8 @@ def default_cache() -> Path:
 
 
 def reference_stats(ref: str | Path, extractor: FeatureExtractor | None = None, protocol: Protocol = Protocol(), *,
-                    cache_dir: str | Path | None = None, batch_size: int = 64, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+                    cache_dir: str | Path | None = None, batch_size: int = 64, device="cpu",
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of a reference: a statistics .npz (keys mu, sigma, as clean-fid writes them),
     or a folder of images, computed once and cached under a key of extractor + protocol + files."""
     ref = Path(ref)
@@ -206,7 +228,8 @@ def reference_stats(ref: str | Path, extractor: FeatureExtractor | None = None, 
     if path.is_file():
         with np.load(path) as f:
             return f["mu"], f["sigma"]
-    mu, sigma = stats(folder_features(ref, extractor, protocol, batch_size, device))
+    mu, sigma = stats(folder_features(ref, extractor, protocol, batch_size, device,
+                                      progress="reference statistics" if progress else None))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
     np.savez(tmp, mu=mu, sigma=sigma, n=len(files))
@@ -222,6 +245,9 @@ def load_clip(name: str, device="cpu"):
     """(CLIPModel, processor) from a hub id or a local folder, through transformers."""
     from transformers import AutoProcessor, CLIPModel
 
+    from .hub import require
+
+    require(name, "config.json", what="--clip-model", instead=CLIP_INSTEAD)
     try:
         model = CLIPModel.from_pretrained(name).to(device).eval()
         processor = AutoProcessor.from_pretrained(name)
@@ -273,11 +299,15 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     """
     import tempfile
 
+    from tqdm import tqdm
+
     from .data import load_prompts
     from .engines import device as default_device
+    from .logs import progress_on
 
     t0 = time.time()
     rank, world = dist_env()
+    show = progress_on()  # rank 0, not --quiet
     # Everything that can be checked without models, first.
     if not (fid or clip or extra_metrics):
         raise UserError("nothing to measure: pass --fid and/or --clip")
@@ -285,6 +315,14 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         raise UserError("--fid needs --ref-dir (a folder of reference images) or --ref-stats (a statistics .npz)")
     if clip and not clip_model:
         raise UserError("--clip needs --clip-model (a hub id or a local CLIP folder)")
+    if not (is_export(source) or (Path(source) / "recipe.yaml").is_file()):
+        load_student(source)  # not a model folder: its one-line error comes first, before any model loads
+    if clip:
+        from .hub import require
+
+        require(clip_model, "config.json", what="--clip-model", instead=CLIP_INSTEAD)  # fast, before any model
+    if fid and feature_extractor is None and not INCEPTION.is_file() and _offline():
+        raise _no_extractor("offline: HF_HUB_OFFLINE is set")
     if teacher_steps is not None:
         teacher_timesteps(teacher_steps)
     if images_dir is None:
@@ -295,6 +333,8 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         else:
             raise UserError("under the launcher, pass --images-dir (a folder every rank can write) or --out")
     images_dir = Path(images_dir)
+    if images_dir.exists() and not images_dir.is_dir():
+        raise UserError(f"images folder {images_dir}: is a file, not a folder; pass --images-dir FOLDER")
     device = device or default_device()
     prompts = load_prompts(prompts_file, "--prompts-file") if prompts_file else ()
 
@@ -315,19 +355,25 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
             extractor = (feature_extractor if isinstance(feature_extractor, FeatureExtractor)
                          else load_feature_extractor(feature_extractor, device))
             refs = {name: reference_stats(ref, extractor, p, cache_dir=stats_cache, batch_size=batch_size * 8,
-                                          device=device) for name, p in protocols.items()}
+                                          device=device, progress=show) for name, p in protocols.items()}
         if clip:
             clipper = load_clip(clip_model, device)
 
     def score(folder: Path, prefix: str) -> list[dict]:
         found = []
         for name, p in protocols.items():
-            mu, sigma = stats(folder_features(folder, extractor, p, batch_size * 8, device))
+            mu, sigma = stats(folder_features(folder, extractor, p, batch_size * 8, device,
+                                              progress=f"{prefix}{name} features" if show else None))
             found.append({"name": prefix + name, "value": frechet_distance(mu, sigma, *refs[name])})
         if clip:
-            cos = torch.cat([clip_scores(load_images(folder, range(i, min(i + 256, len(conds)))), conds[i:i + 256],
-                                         *clipper) for i in range(0, len(conds), 256)])
-            found.append({"name": prefix + "clip_score", "value": float(cos.mean())})
+            cos = []
+            with tqdm(total=len(conds), desc=f"{prefix}CLIP score", unit="img", disable=not show,
+                      dynamic_ncols=True) as bar:
+                for i in range(0, len(conds), 256):
+                    cos.append(clip_scores(load_images(folder, range(i, min(i + 256, len(conds)))), conds[i:i + 256],
+                                           *clipper))
+                    bar.update(len(cos[-1]))
+            found.append({"name": prefix + "clip_score", "value": float(torch.cat(cos).mean())})
         if extra_metrics:
             images = load_images(folder, range(len(conds)))
             found += [{"name": prefix + name, "value": float(fn(images, conds))} for name, fn in extra_metrics.items()]
@@ -335,7 +381,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
 
     metrics: list[dict] = []
     folder = _fresh(images_dir / "student", rank, world)
-    for chunk, images in draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size, progress=rank == 0):
+    for chunk, images in draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size, progress=show):
         save_images(images, chunk, folder)
     barrier(world)
     if rank == 0:
@@ -355,7 +401,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         folder = _fresh(images_dir / f"teacher_{teacher_steps}steps", rank, world)
         for chunk, images in teacher_draw(teacher, conds, seeds, teacher_steps, range(rank, len(conds), world),
                                           batch_size, cfg_scale=cfg, resolution=resolution, device=device,
-                                          progress=rank == 0):
+                                          progress=show):
             save_images(images, chunk, folder)
         barrier(world)
         if rank == 0:

@@ -7,13 +7,15 @@
 - ``nan``: make a named value non-finite (a loss, or ``grad_generator``: the gradient that
   reaches the generator's output);
 - ``term``: send this process SIGTERM at the point (preemption mid-step or mid-save);
-- ``hang``: sleep forever at the point (a rank that hangs rather than dies).
+- ``hang``: sleep forever at the point (a rank that hangs rather than dies);
+- ``enospc``: raise ``OSError(ENOSPC)`` at the point, as a write to a full disk does.
 
 Unset (the normal case) every check is a dictionary lookup on an empty dict.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -52,13 +54,15 @@ def _armed(action: str, point: str, step: int | None) -> bool:
 
 
 def point(name: str, step: int | None = None) -> None:
-    """A named point where a process may be killed or signalled."""
+    """A named point where a process may be killed, signalled, or find the disk full."""
     if _armed("kill", name, step):
         os.kill(os.getpid(), signal.SIGKILL)
     if _armed("term", name, step):
         os.kill(os.getpid(), signal.SIGTERM)
     while _armed("hang", name, step):
         time.sleep(3600)
+    if _armed("enospc", name, step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"fault injected at {name}")
 
 
 def _poison_grad(name: str, x):

@@ -158,17 +158,31 @@ def load_images(folder: Path, positions: Sequence[int]) -> torch.Tensor:
 
 def sample_to_folder(source: str | Path, out: str | Path, *, prompts: Sequence[str] = (), labels: Sequence[int] = (),
                      steps: int | None = None, timesteps: Sequence[int] | None = None, seed: int = 0,
-                     num_images: int | None = None, batch_size: int = 8, device=None) -> Path:
-    """``dmd2 sample``: one PNG per image, images.jsonl (index, seed, condition) and grid.png."""
+                     num_images: int | None = None, batch_size: int = 8, device=None, overwrite: bool = False) -> Path:
+    """``dmd2 sample``: one PNG per image, images.jsonl (index, seed, condition) and grid.png.
+
+    A folder that already holds images is refused (they would mix with the new ones) unless
+    ``overwrite``: then its images, images.jsonl and grid.png are deleted first."""
     from .engines import device as default_device
 
     rank, world = dist_env()
+    out = Path(out)
+    # Checked before the model loads, and by every rank before any rank writes (the barrier below).
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder; choose a folder")
+    old = sorted(p for p in out.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")) if out.is_dir() else []
+    if old and not overwrite:
+        raise UserError(f"--out {out}: already holds {len(old)} images (e.g. {old[0].name}); pass --overwrite to "
+                        "replace them, or choose another folder")
     gen = load_student(source, device or default_device())
     ts = choose_timesteps(gen.timesteps, steps, timesteps)
     conds = conditions(gen, prompts, labels, num_images)
     seeds = [seed + i for i in range(len(conds))]
-    out = Path(out)
+    if rank == 0:  # only now: a failed load above keeps the old images
+        for p in [*old, out / "images.jsonl"]:
+            p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    barrier(world)  # the old images are gone before any rank writes a new one
     for chunk, images in draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size, progress=rank == 0):
         save_images(images, chunk, out)
     barrier(world)

@@ -1,13 +1,54 @@
-"""Rank-0 metrics sink: a progress line, metrics.jsonl in the run folder, wandb, preview grids."""
+"""Rank-0 metrics sink: a progress line, metrics.jsonl in the run folder, wandb, preview grids;
+and the start-up phase lines (``phase``) that ``--quiet`` silences."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
+
+# Losses of the generator phase (distill.generator_loss); every other loss is the critic's.
+GENERATOR_LOSSES = ("loss_dm", "loss_gan_g", "loss_generator")
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """``--quiet``: no phase lines or progress bars; errors, warnings and summaries still print."""
+    global _quiet
+    _quiet = quiet
+
+
+def progress_on() -> bool:
+    """Phase lines and progress bars are for rank 0 (RANK, as the launcher sets it), unless --quiet."""
+    return not _quiet and int(os.environ.get("RANK", "0")) == 0
+
+
+class phase:
+    """One line per long start-up phase with its time, e.g. ``teacher loaded: PATH (3.2 s)``.
+
+    ``with phase("teacher loaded: PATH"): ...`` prints when the block ends (not when it raises:
+    the error stays the last line); ``p = phase("engines ready")`` ... ``p.done()`` times a stretch
+    of code without re-indenting it.
+    """
+
+    def __init__(self, what: str):
+        self.what, self.t0 = what, time.perf_counter()
+
+    def __enter__(self) -> phase:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.done()
+
+    def done(self, what: str | None = None) -> None:
+        if progress_on():
+            print(f"{what or self.what} ({time.perf_counter() - self.t0:.1f} s)", flush=True)
 
 
 def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +111,13 @@ class RunLogger:
         self.cfg, self.run_dir, self.max_steps = cfg, Path(run_dir), max_steps
         self.start_step, self.t0 = start_step, time.time()
         self.wandb = None
+        # The console line's generator losses: the mean over the generator steps since the last
+        # printed line. With train.update_ratio 5 and log_every 10 no printed step is a generator
+        # step, so the printed step's own losses would never show the generator.
+        ratio = int(recipe.get("train", {}).get("update_ratio", 1))
+        self.gen_updates = -(-start_step // ratio)  # generator steps are the 0-based steps % ratio == 0
+        self.gen_window: list[dict[str, float]] = []
+        self.gen_last: tuple[int, dict[str, float]] | None = None
         if not self.active:
             return
         self.file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -97,11 +145,31 @@ class RunLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        gen = {k: metrics[k] for k in GENERATOR_LOSSES if k in metrics}
+        if gen:
+            self.gen_updates += 1
+            self.gen_window.append(gen)
+            self.gen_last = (step, gen)
         if step % self.cfg.log_every == 0 or step == self.max_steps:
             done = step - self.start_step
             eta = (time.time() - self.t0) / max(done, 1) * (self.max_steps - step)
-            losses = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "loss" in k)
-            print(f"step {step}/{self.max_steps} | {losses} | {images_per_s:.2f} img/s | eta {eta:.0f}s", flush=True)
+            critic = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "loss" in k and k not in GENERATOR_LOSSES)
+            print(f"step {step}/{self.max_steps} | critic {critic} | {self._generator_losses()} | "
+                  f"gen updates {self.gen_updates} | {images_per_s:.2f} img/s | eta {eta:.0f}s", flush=True)
+            self.gen_window = []
+
+    def _generator_losses(self) -> str:
+        """Mean over this window's generator steps, else the latest (marked with its step)."""
+        if self.gen_window:
+            keys = [k for k in GENERATOR_LOSSES if all(k in w for w in self.gen_window)]
+            mean = {k: sum(w[k] for w in self.gen_window) / len(self.gen_window) for k in keys}
+            n = len(self.gen_window)
+            head = "generator" if n == 1 else f"generator (mean of {n})"
+            return head + " " + " ".join(f"{k} {v:.4g}" for k, v in mean.items())
+        if self.gen_last is None:
+            return "generator: no update yet"
+        at, last = self.gen_last
+        return f"generator (latest, step {at}) " + " ".join(f"{k} {v:.4g}" for k, v in last.items())
 
     def preview(self, step: int, images: torch.Tensor, **layout: int) -> None:
         """``layout``: ``save_grid``'s ``cols`` or ``rows`` (``condition_layout``)."""

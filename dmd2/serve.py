@@ -26,6 +26,7 @@ import torch
 
 from .errors import UserError
 from .generate import choose_timesteps, conditions, draw
+from .hub import require
 from .logs import to_uint8_images
 from .models import vae as vae_io
 from .models.student import Student, load_student
@@ -34,6 +35,7 @@ from .schedule import T
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BATCH_SIZE = 8  # dmd2 sample's default --batch-size, so a page's batches are sample's batches
 MAX_SEED = 2**63 - 1
+TINY_VAE_INSTEAD = "--tiny-vae PATH of a local AutoencoderTiny folder (diffusers save_pretrained)"
 CSS = "#images img { image-rendering: pixelated; }"  # tiny models draw 32x32 images: show the pixels
 
 
@@ -170,6 +172,8 @@ def load_demo(source: str | Path, *, precision: str = "fp32", tiny_vae: str | No
 
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if tiny_vae:  # a hub id neither cached nor reachable: say so now, not after loading the generator
+        require(tiny_vae, "config.json", what="--tiny-vae", instead=TINY_VAE_INSTEAD)
     gen = load_student(source, device or default_device())
     return make_demo(gen, precision=precision, tiny_vae=tiny_vae, max_images=max_images)
 
@@ -194,6 +198,7 @@ def _load_tiny_vae(path: str, gen: Student, dtype: torch.dtype):
 
     if gen.vae is None:
         raise UserError(f"--tiny-vae: {gen.source} draws pixels, not latents; there is nothing to decode")
+    require(path, "config.json", what="--tiny-vae", instead=TINY_VAE_INSTEAD)
     try:
         vae = AutoencoderTiny.from_pretrained(path)
     except (OSError, ValueError) as e:

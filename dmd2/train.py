@@ -15,9 +15,10 @@ from .config import Recipe, recipe_to_yaml
 from .data import build_batches
 from .ema import ShardedEMA
 from .errors import UserError
-from .logs import RunLogger
+from .logs import RunLogger, condition_layout, phase
 from .models import load_teacher, vae
 from .models.roles import build_roles
+from .runlock import RunLock
 from .sampling import Noise, sample
 from .step import to_floats, train_step
 
@@ -94,7 +95,8 @@ def train(recipe: Recipe) -> Path:
     t = recipe.train
     rank, world = engines.init_distributed(timeout_s=t.collective_timeout_s)
     try:
-        return _train(recipe, rank, world)
+        with RunLock(recipe.output_dir, enabled=rank == 0):  # first: a second writer is refused before it writes
+            return _train(recipe, rank, world)
     except RuntimeError as e:
         # gloo/nccl raise when a peer died or a collective timed out: say so in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -113,13 +115,15 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     check_resume_compatible(run_dir, recipe)
     device = engines.device()
     m = recipe.model
-    teacher = load_teacher(m.teacher, m.family, m.teacher_config)
+    with phase(f"teacher loaded: {m.teacher}"):
+        teacher = load_teacher(m.teacher, m.family, m.teacher_config)
     resolution = teacher.training_resolution(t.resolution)
     teacher.check_cfg(recipe.loss.cfg_scale)
     batches = build_batches(recipe.data, teacher, resolution=resolution, batch_size=t.batch_size, seed=t.seed,
                             cfg_scale=recipe.loss.cfg_scale, rank=rank, world=world, device=device)
     real = batches.real
     timesteps = recipe.generator.resolved_timesteps()
+    ready = phase("engines ready")
     generator, guidance = build_roles(teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
                                       resolution=resolution, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing)
     bf16 = engines.use_bf16(t.precision)
@@ -131,6 +135,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     ema = ShardedEMA(gen_engine, t.ema_decay) if t.ema_decay > 0 else None
     gen = faults.wrap(engines.EngineTrainee(gen_engine, ema), "loss_generator", "grad_generator")
     critic = faults.wrap(engines.EngineTrainee(guidance_engine), "loss_critic")
+    ready.done()
 
     # Resume from the newest committed checkpoint that verifies (or the one asked for).
     ckpt, warnings = checkpoint.resolve_resume(run_dir, t.resume_from, rank, world)
@@ -203,7 +208,9 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
             n = recipe.logging.preview_images
             images = sample(gen.module, schedule, batches.preview_cond(n), (n, *batches.shape[1:]), timesteps,
                             Noise.per_sample(range(n), device))
-            log.preview(done, vae.decode(teacher.vae, images))
+            groups = len(batches.prompts) if batches.prompts is not None else teacher.num_classes
+            log.preview(done, vae.decode(teacher.vae, images),
+                        **condition_layout(groups, batches.prompts is not None, n))
 
         # Save state checkpoint; on SIGTERM/SIGINT (any rank) save and exit 0.
         stop = preempt.agreed(device, world)

@@ -183,6 +183,27 @@ def test_sample_cli_and_per_sample_seeds(sd15_run, tmp_path):
     assert (_images(gen, conds[:1], [7], 1, [999]) - x1[:1]).abs().max() > 1e-3
 
 
+def test_sample_refuses_a_folder_with_images_unless_overwrite(sd15_run, tmp_path):
+    from dmd2.cli import app
+    from dmd2.generate import sample_to_folder
+
+    out = sample_to_folder(sd15_run, tmp_path / "s", prompts=PROMPTS, num_images=3)
+    (out / "extra.webp").write_bytes(b"an image from elsewhere")
+    (out / "notes.txt").write_text("not an image")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    msg = cli_error("sample", sd15_run, "--out", out, "--prompt", "new", "--num-images", 1)
+    assert str(out) in msg and "already holds 5 images" in msg and "--overwrite" in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost
+
+    res = CliRunner().invoke(app, [str(a) for a in ("sample", sd15_run, "--out", out, "--prompt", "new",
+                                                    "--num-images", 1, "--overwrite")])
+    assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "grid.png", "images.jsonl", "notes.txt"]
+    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["new"]
+    assert Image.open(out / "grid.png").size == (32, 32)  # the grid of the one new image
+
+
 @pytest.mark.slow
 def test_sample_two_ranks_draw_the_same_images(sd15_run, tmp_path):
     run_cli("sample", sd15_run, "--prompt", PROMPTS[0], "--num-images", 5, "--batch-size", 2, "--out", tmp_path / "a")

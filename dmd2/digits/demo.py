@@ -223,7 +223,7 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int) -> dict[str, float]:
         eval_cmds.append((name, args, p.out / "logs" / f"{name}.log"))
     for s in profile.students:
         args = ["sample", str(p.runs[s.name].resolve()), "--labels", "all", "--num-images", str(profile.grid_images),
-                "--batch-size", "100", "--out", str((p.out / "samples" / s.name).resolve())]
+                "--batch-size", "100", "--out", str((p.out / "samples" / s.name).resolve()), "--overwrite"]
         eval_cmds.append((f"sample {s.name}", args, p.out / "logs" / f"sample_{s.name}.log"))
     seconds.update(run_parallel(eval_cmds, jobs))
     return seconds

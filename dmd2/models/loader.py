@@ -13,13 +13,13 @@ with a class embedding), ``scheduler/`` (DDPM-style or EDM scheduler config) and
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import UserError
+from ..hub import TEACHER_INSTEAD, hub_file, is_local
 from ..schedule import DDPMSchedule, EDMSchedule, T
 
 FAMILIES = ("sd15", "sdxl", "classcond")
@@ -82,10 +82,6 @@ class Teacher:
         return self.latent_size(resolution) // 2 ** (len(self.unet.config.block_out_channels) - 1)
 
 
-def _is_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1] or Path(source).exists()
-
-
 def _schedule_from_config(cfg: dict, where: str) -> DDPMSchedule | EDMSchedule:
     cls = cfg.get("_class_name", "")
     if cls.startswith("EDM"):
@@ -108,16 +104,12 @@ def _schedule_from_config(cfg: dict, where: str) -> DDPMSchedule | EDMSchedule:
 
 def _load_config(source: str, name: str, subfolder: str | None = None) -> dict | None:
     """A JSON config from a local folder or the hub; None if it does not exist."""
-    if _is_local(source):
+    if is_local(source):
         path = Path(source).expanduser() / (subfolder or "") / name
         return json.loads(path.read_text()) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(source, name, subfolder=subfolder)).read_text())
-    except EntryNotFoundError:
-        return None
+    # cache first, the hub once with a short timeout: "not cached and offline" is its own message
+    path = hub_file(source, f"{subfolder}/{name}" if subfolder else name, what="model.teacher", instead=TEACHER_INSTEAD)
+    return json.loads(path.read_text()) if path is not None else None
 
 
 def _detect_family(model_index: dict | None, unet_cfg: dict) -> str:
@@ -145,7 +137,7 @@ def load_teacher(source: str, family: str = "auto", config_source: str | None = 
     if source.endswith((".safetensors", ".ckpt")):
         teacher = _load_single_file(source, family, config_source)
     else:
-        if _is_local(source) and not Path(source).expanduser().is_dir():
+        if is_local(source) and not Path(source).expanduser().is_dir():
             raise UserError(f"{where} does not exist (expected a diffusers folder, a hub id, or a .safetensors file)")
         try:
             teacher = _load_diffusers(source)
