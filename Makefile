@@ -7,7 +7,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-all lint demo bench-quality reliability bench
+.PHONY: install test test-all test-install lint demo bench-quality reliability bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(PY)
 
 test-all: $(PY)
 	$(PY) -m pytest -q -m ""
+
+# `pip install .` (a wheel, not editable) into a fresh venv, then `dmd2 train` from another folder.
+test-install: $(PY)
+	$(PY) -m pytest -q -m slow tests/test_install.py
 
 lint: $(PY)
 	$(VENV)/bin/ruff check dmd2 tests scripts benchmarks

@@ -1,5 +1,5 @@
-"""`make bench`: every ratio of issue 6 measured side by side on CPU with the tiny models, printed
-with its goal and written to runs/bench/results.json as {name, value, goal, unit} rows.
+"""`make bench`: every ratio of the README's Performance table measured side by side on CPU with the
+tiny models, printed with its goal and written to runs/bench/results.json as {name, value, goal, unit} rows.
 
     python -m benchmarks.cpu [--rounds N] [--only sampler,engine,cache,lora,scaling]
 
@@ -39,6 +39,7 @@ os.environ.setdefault("DMD2_CACHE_DIR", str((OUT / "cond-cache").resolve()))
 import torch  # noqa: E402
 
 from benchmarks.rig import REPO, Rig, loss_config, own_teacher  # noqa: E402
+from dmd2.config import DEFAULT_DS_CONFIG  # noqa: E402
 
 torch.set_num_threads(1)
 PROMPTS = ["a red circle", "blue stripes", "a green square on white", "a yellow dot"]
@@ -123,7 +124,7 @@ def bench_engines(res: Results, rounds: int) -> None:
     kw = dict(latent=lat, batch_size=2, timesteps=[999], loss_cfg=loss_config(1.75, (1e-3, 1e-2)))
     rigs = {"plain": Rig(own_teacher(base), **kw)}
     for stage in (1, 2, 3):
-        cfg = engines.ds_config(REPO / "ds_configs/zero3.json", batch_size=2, grad_clip=10.0, bf16=False,
+        cfg = engines.ds_config(DEFAULT_DS_CONFIG, batch_size=2, grad_clip=10.0, bf16=False,
                                 zero_stage=stage)
         rigs[f"zero{stage}"] = Rig(own_teacher(base), ds={"generator": cfg, "critic": copy.deepcopy(cfg)}, **kw)
     batch = _tiny_batch(base)
@@ -157,7 +158,7 @@ def bench_cache(res: Results, rounds: int) -> None:
         teacher = load_teacher(recipe.model.teacher)
         setups[name] = build_batches(recipe.data, teacher, resolution=teacher.resolution, batch_size=2, seed=0,
                                      cfg_scale=recipe.loss.cfg_scale, rank=0, world=1, device="cpu")
-    cfg = engines.ds_config(REPO / "ds_configs/zero3.json", batch_size=2, grad_clip=10.0, bf16=False, zero_stage=3)
+    cfg = engines.ds_config(DEFAULT_DS_CONFIG, batch_size=2, grad_clip=10.0, bf16=False, zero_stage=3)
     rig = Rig(own_teacher(teacher), latent=setups["cached"].shape[-1], batch_size=2,
               timesteps=recipe.generator.resolved_timesteps(), loss_cfg=recipe.loss,
               ds={"generator": cfg, "critic": copy.deepcopy(cfg)})
@@ -207,7 +208,7 @@ def bench_lora(res: Results, rounds: int) -> None:
         mem[mode] = json.loads(out.read_text())
 
     engines.init_distributed()
-    cfg = engines.ds_config(REPO / "ds_configs/zero3.json", batch_size=2, grad_clip=10.0, bf16=False, zero_stage=3)
+    cfg = engines.ds_config(DEFAULT_DS_CONFIG, batch_size=2, grad_clip=10.0, bf16=False, zero_stage=3)
     rigs = {m: Rig(synthetic_teacher("small-sd15", make_unet("small-sd15")), latent=16, batch_size=2,
                    timesteps=[999], loss_cfg=loss_config(1.75, (1e-3, 1e-2)), lora=lora_config(m, 16),
                    ds={"generator": copy.deepcopy(cfg), "critic": copy.deepcopy(cfg)}) for m in modes}

@@ -6,7 +6,7 @@
 For each architecture (SD1.5 at 512 px, 1-step, CFG 1.75; SDXL at 1024 px, 4-step with backward
 simulation, CFG 8; both with the GAN head), each training mode (full fine-tuning, LoRA generator,
 LoRA generator + LoRA fake score sharing the teacher's base) and optimizer state on the GPU or
-offloaded to the CPU (ds_configs/zero3_offload.json): iteration time (generator phase + critic
+offloaded to the CPU (the shipped zero3_offload template): iteration time (generator phase + critic
 phase), images/s, peak memory (torch.cuda.max_memory_allocated) and model FLOPs utilisation.
 UNets are built from their diffusers configs with random weights (nothing is downloaded); text
 encoders and VAE are left out (random embeddings and latents of the right shapes).
@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Results, child_env, verdict  # noqa: E402
+from dmd2.config import ds_template  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s), most specific name first.
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("GH200", 989.0),
@@ -74,7 +75,6 @@ def run_config(cfg: dict) -> dict:
     import torch
 
     from benchmarks.rig import (
-        REPO,
         Rig,
         lora_config,
         loss_config,
@@ -112,7 +112,7 @@ def run_config(cfg: dict) -> dict:
         t0 = time.perf_counter()
         teacher = synthetic_teacher(cfg["name"], make_unet(cfg["name"], device=dev,
                                                            dtype=torch.bfloat16 if bf16 else torch.float32))
-        template = REPO / "ds_configs" / ("zero3_offload.json" if cfg["offload"] else "zero3.json")
+        template = ds_template("zero3_offload" if cfg["offload"] else "zero3")
         ds = {o: engines.ds_config(template, batch_size=B, grad_clip=10.0, bf16=bf16, zero_stage=3)
               for o in ("generator", "critic")}
         rig = Rig(teacher, latent=latent, batch_size=B, timesteps=r["timesteps"],

@@ -137,12 +137,10 @@ class Builder:
         return out
 
     def _images(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        from .data import _load_image
-
         loaded = {}
         for k in range(lo, hi):
             try:
-                loaded[k - lo] = _load_image(self.real.items[k].path, self.real.resolution)
+                loaded[k - lo] = self.real.read(k)
             except (OSError, ValueError, SyntaxError):  # as RealImages.load: skipped, counted
                 pass
         good = sorted(loaded)

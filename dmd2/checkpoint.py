@@ -3,7 +3,8 @@
 Layout of ``<output_dir>/checkpoints/step_XXXXXXXX/``::
 
     generator/          DeepSpeed tag folder of the generator engine
-    guidance/           DeepSpeed tag folder of the guidance engine (the frozen teacher is not saved)
+    critic/             DeepSpeed tag folder of the critic engine (the frozen teacher is not saved;
+                        named guidance/ in checkpoints written before 0.2, which still load)
     manifest.rankR.json size and sha256 of every file rank R wrote
     state.json          step and what resume checks
     COMMITTED           written last, atomically, after a barrier: only then does the folder count
@@ -26,7 +27,7 @@ from .errors import UserError
 from .files import atomic_write, sha256_file
 
 COMMIT = "COMMITTED"
-TAGS = ("generator", "guidance")
+TAGS = ("generator", "critic")
 
 
 class CheckpointError(Exception):
@@ -154,7 +155,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def save(run_dir: Path, step: int, gen_engine, guidance_engine, state: dict, *, keep_last: int, rank: int,
+def save(run_dir: Path, step: int, gen_engine, critic_engine, state: dict, *, keep_last: int, rank: int,
          protect: Path | None = None, ema=None) -> Path:
     """Save both engines collectively; commit on rank 0 after every rank's manifest; rotate.
 
@@ -164,7 +165,7 @@ def save(run_dir: Path, step: int, gen_engine, guidance_engine, state: dict, *, 
     previous = latest(run_dir)
     needed = _size(previous)  # now: a same-step leftover is deleted by the save
     try:
-        return _save(run_dir, ckpt, step, gen_engine, guidance_engine, state, keep_last=keep_last, rank=rank,
+        return _save(run_dir, ckpt, step, gen_engine, critic_engine, state, keep_last=keep_last, rank=rank,
                      protect=protect, ema=ema)
     except (OSError, RuntimeError) as e:
         if not _disk_full(e, ckpt.parent, needed):
@@ -184,7 +185,7 @@ def save(run_dir: Path, step: int, gen_engine, guidance_engine, state: dict, *, 
                        f"{free}; free space and re-run the same command to {resume}") from None
 
 
-def _save(run_dir: Path, ckpt: Path, step: int, gen_engine, guidance_engine, state: dict, *, keep_last: int,
+def _save(run_dir: Path, ckpt: Path, step: int, gen_engine, critic_engine, state: dict, *, keep_last: int,
           rank: int, protect: Path | None, ema) -> Path:
     import deepspeed.comm as dist
 
@@ -193,8 +194,8 @@ def _save(run_dir: Path, ckpt: Path, step: int, gen_engine, guidance_engine, sta
     dist.barrier()
     gen_engine.save_checkpoint(str(ckpt), tag="generator", save_latest=False)
     faults.point("save_after_generator", step)
-    guidance_engine.save_checkpoint(str(ckpt), tag="guidance", save_latest=False, exclude_frozen_parameters=True)
-    faults.point("save_after_guidance", step)
+    critic_engine.save_checkpoint(str(ckpt), tag="critic", save_latest=False, exclude_frozen_parameters=True)
+    faults.point("save_after_critic", step)
     if ema is not None:
         ema.save(ckpt / "generator", rank)
     dist.barrier()  # every rank's shards are on disk before anyone lists or hashes them
@@ -212,10 +213,11 @@ def _save(run_dir: Path, ckpt: Path, step: int, gen_engine, guidance_engine, sta
     return ckpt
 
 
-def load(ckpt: Path, gen_engine, guidance_engine) -> None:
+def load(ckpt: Path, gen_engine, critic_engine) -> None:
     """Load both engines by explicit tag and check that the tag asked for is the one loaded
     (DeepSpeed falls back to the tag in `latest`, and only warns when it is missing)."""
-    for engine, tag in ((gen_engine, "generator"), (guidance_engine, "guidance")):
+    critic_tag = "critic" if (ckpt / "critic").is_dir() else "guidance"  # the engine's name before 0.2
+    for engine, tag in ((gen_engine, "generator"), (critic_engine, critic_tag)):
         path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False)
         if path is None or Path(path).parent.name != tag or Path(path).parent.parent.resolve() != ckpt.resolve():
             raise CheckpointError(f"{ckpt / tag}: DeepSpeed loaded {path!r} instead")

@@ -22,8 +22,19 @@ from pydantic_core import PydanticCustomError
 
 T = 1000  # num_train_timesteps every supported teacher uses (DDPM T, EDM grid size)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DS_CONFIG = str(REPO_ROOT / "ds_configs" / "zero3.json")
+# DeepSpeed templates shipped inside the package (so an installed dmd2 finds them from any folder);
+# train.ds_config takes one by name ("zero3", "zero3_offload") or any JSON file by path.
+DS_TEMPLATES = Path(__file__).resolve().parent / "ds_configs"
+DEFAULT_DS_CONFIG = str(DS_TEMPLATES / "zero3.json")
+
+
+def ds_template(value: Any) -> str | None:
+    """The shipped template a bare name such as "zero3_offload" stands for, else None."""
+    if isinstance(value, str) and value and "/" not in value and os.sep not in value:
+        path = DS_TEMPLATES / (value if value.endswith(".json") else f"{value}.json")
+        if path.is_file():
+            return str(path)
+    return None
 
 # Strict scalars: YAML already types its values, so `max_steps: true` or `lr: "fast"` is an error
 # rather than a silent 1 or a crash later. Floats still accept ints (`cfg_scale: 8`).
@@ -358,6 +369,9 @@ def _resolve_paths(raw: dict, base: Path, keys: set[tuple[str, ...]] | None = No
     """Make the path fields of a raw recipe absolute against `base` (only `keys` if given)."""
     for path in _PATH_KEYS | _MAYBE_PATH_KEYS:
         section = raw.get(path[0])
+        if path == ("train", "ds_config") and isinstance(section, dict) and ds_template(section.get("ds_config")):
+            section["ds_config"] = ds_template(section["ds_config"])
+            continue
         if (keys is None or path in keys) and isinstance(section, dict) and path[1] in section:
             section[path[1]] = _resolve_path(section[path[1]], base, path in _MAYBE_PATH_KEYS)
 

@@ -176,6 +176,10 @@ class RealImages:
     def __len__(self) -> int:
         return len(self.items)
 
+    def read(self, k: int) -> torch.Tensor:
+        """Item k's image, 3 x R x R in [-1, 1]; raises OSError/ValueError/SyntaxError if unreadable."""
+        return _load_image(self.items[k].path, self.resolution)
+
     def load(self, indices: list[int]) -> tuple[torch.Tensor, list[RealItem]]:
         """Images B x 3 x R x R in [-1, 1]; a bad file is replaced by the next good item."""
         images, items = [], []

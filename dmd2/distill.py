@@ -1,8 +1,8 @@
 """The two DMD2 phases, composed from the denoisers, the sampler and the pure losses.
 
 - ``generator_loss``: distribution matching (§4) + GAN generator term (§6); run on
-  ``guidance_engine.module`` with the critic frozen, so gradients reach only the generator's output.
-- ``critic_loss``: fake-score denoising (§5) + GAN discriminator (§6); run *through* the guidance
+  ``critic_engine.module`` with the critic frozen, so gradients reach only the generator's output.
+- ``critic_loss``: fake-score denoising (§5) + GAN discriminator (§6); run *through* the critic
   engine's forward on detached generator samples.
 
 All randomness comes from one ``torch.Generator`` per (seed, rank, step), drawn in a fixed order,
@@ -47,21 +47,21 @@ def generator_input(generator, schedule, timesteps: list[int], k: int, shape, ba
     return schedule.add_noise(x0, noise(shape), t), t
 
 
-def generator_loss(guidance, x: torch.Tensor, batch: Batch, loss_cfg, g: torch.Generator):
+def generator_loss(critic, x: torch.Tensor, batch: Batch, loss_cfg, g: torch.Generator):
     """L_G = w_dm L_dm + w_G L_Gcls for generator samples ``x`` (B x C x H x W, with gradient)."""
-    schedule = guidance.teacher.schedule
+    schedule = critic.teacher.schedule
     n = x.shape[0]
     t = _randint(g, int(loss_cfg.min_step_frac * T), int(loss_cfg.max_step_frac * T), n, x.device)
     with torch.no_grad():
         x_t = schedule.add_noise(x.detach(), _randn(g, x), t)
-        x0_fake = guidance.fake(x_t, t, batch.cond)
-        x0_real = guidance.real_x0(x_t, t, batch.cond, batch.uncond, loss_cfg.cfg_scale)
-    l_dm = losses.dmd_loss(x, x0_fake, x0_real)
+        x0_fake = critic.fake(x_t, t, batch.cond)
+        x0_teacher = critic.teacher_x0(x_t, t, batch.cond, batch.uncond, loss_cfg.cfg_scale)
+    l_dm = losses.dmd_loss(x, x0_fake, x0_teacher)
     total = loss_cfg.dm_weight * l_dm
     logs = {"loss_dm": l_dm.detach()}
-    if guidance.head is not None:
+    if critic.head is not None:
         tau = _randint(g, 0, T - 1, n, x.device)
-        logits = guidance.logits(schedule.add_noise(x, _randn(g, x), tau), tau, batch.cond)
+        logits = critic.logits(schedule.add_noise(x, _randn(g, x), tau), tau, batch.cond)
         l_gan = losses.gan_generator_loss(logits)
         total = total + loss_cfg.gan.generator_weight * l_gan
         logs["loss_gan_g"] = l_gan.detach()
@@ -69,24 +69,24 @@ def generator_loss(guidance, x: torch.Tensor, batch: Batch, loss_cfg, g: torch.G
     return total, logs
 
 
-def critic_loss(guidance, x: torch.Tensor, batch: Batch, loss_cfg, g: torch.Generator):
+def critic_loss(critic, x: torch.Tensor, batch: Batch, loss_cfg, g: torch.Generator):
     """L_C = w_fake L_fake + w_D L_D on detached generator samples ``x`` (§5, §6)."""
-    schedule = guidance.fake.schedule
+    schedule = critic.fake.schedule
     x = x.detach()
     n = x.shape[0]
     t = _randint(g, 0, T - 1, n, x.device)
     eps = _randn(g, x)
     x_t = schedule.add_noise(x, eps, t)
-    pred = schedule.native(guidance.fake.raw(x_t, t, batch.cond), x_t, t)
+    pred = schedule.native(critic.fake.raw(x_t, t, batch.cond), x_t, t)
     l_fake = losses.fake_score_loss(pred, schedule.target(x, eps, t), schedule.loss_weight(t))
     total = loss_cfg.fake_weight * l_fake
     logs = {"loss_fake": l_fake.detach()}
-    if guidance.head is not None:
+    if critic.head is not None:
         # diffusion GAN: independent tau for fake and real; one batched pass through the fake UNet
         tau = _randint(g, 0, T - 1, 2 * n, x.device)
         both = torch.cat([x, batch.real.to(x.dtype)])
         both_t = schedule.add_noise(both, _randn(g, both), tau)
-        logits = guidance.logits(both_t, tau, cat_cond(batch.cond, batch.real_cond))
+        logits = critic.logits(both_t, tau, cat_cond(batch.cond, batch.real_cond))
         l_d = losses.gan_discriminator_loss(logits[n:], logits[:n])
         total = total + loss_cfg.gan.discriminator_weight * l_d
         logs["loss_gan_d"] = l_d.detach()

@@ -1,7 +1,7 @@
 """The only module that builds DeepSpeed engines (with checkpoint.py, the only ones importing it).
 
-Two engines: the generator, and the guidance module (frozen teacher + fake score + GAN head).
-The DeepSpeed JSON in ds_configs/ holds ZeRO settings only; batch size, clipping, precision and
+Two engines: the generator, and the critic (frozen teacher + fake score + GAN head).
+The DeepSpeed templates in dmd2/ds_configs/ hold ZeRO settings only; batch size, clipping, precision and
 stage come from the recipe and are injected here.
 """
 

@@ -1,5 +1,5 @@
 """``dmd2 eval``: FID (clean-fid) and CLIP score of a generator and of its teacher, with the
-paper's protocols (DMD2_ALGORITHM.md §8).
+paper's protocols (docs/algorithm.md §8).
 
 The pieces are plain functions of uint8 images (N x H x W x 3 tensors) or image folders, so
 other scripts can plug in their own feature extractor and extra metrics::

@@ -1,4 +1,4 @@
-"""DMD2 losses as pure functions of tensors (DMD2_ALGORITHM.md §4-§6). Only torch is imported."""
+"""DMD2 losses as pure functions of tensors (docs/algorithm.md §4-§6). Only torch is imported."""
 
 from __future__ import annotations
 
@@ -15,24 +15,24 @@ def cfg(out_cond: torch.Tensor, out_uncond: torch.Tensor, scale: float) -> torch
     return out_uncond + scale * (out_cond - out_uncond)
 
 
-def dm_gradient(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
-    """g = (x0_fake - x0_real) / mean_{C,H,W} |x - x0_real|, per sample, fp32, NaN -> 0 (§4 step 5).
+def dm_gradient(x: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor) -> torch.Tensor:
+    """g = (x0_fake - x0_teacher) / mean_{C,H,W} |x - x0_teacher|, per sample, fp32, NaN -> 0 (§4 step 5).
 
     Shapes: all B x C x H x W.
     """
-    x, fake, real = x.float(), x0_fake.float(), x0_real.float()
+    x, fake, real = x.float(), x0_fake.float(), x0_teacher.float()
     norm = (x - real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
     return torch.nan_to_num((fake - real) / norm)
 
 
-def dmd_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
+def dmd_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor) -> torch.Tensor:
     """L_dm = 1/2 mean((x - sg(x - g))^2) over all B*C*H*W elements, so dL/dx = g / x.numel().
 
-    x (B x C x H x W) carries the generator's gradient; x0_fake / x0_real are the fake-score and
+    x (B x C x H x W) carries the generator's gradient; x0_fake / x0_teacher are the fake-score and
     CFG-teacher x0 predictions at a noised copy of x (no gradient). The learning rates of §7 are
     tuned to this mean reduction and the 1/2.
     """
-    g = dm_gradient(x.detach(), x0_fake, x0_real)
+    g = dm_gradient(x.detach(), x0_fake, x0_teacher)
     target = (x.detach().float() - g).detach()
     return 0.5 * F.mse_loss(x.float(), target, reduction="mean")
 

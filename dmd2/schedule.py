@@ -1,4 +1,4 @@
-"""Noise parameterisations behind one integer-timestep interface (DMD2_ALGORITHM.md §2).
+"""Noise parameterisations behind one integer-timestep interface (docs/algorithm.md §2).
 
 Every schedule maps an integer t in [0, T) to a noise level, so the algorithm never
 branches on the model family:

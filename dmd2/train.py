@@ -39,6 +39,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _same_file_content(a, b) -> bool:
+    try:
+        return Path(a).read_bytes() == Path(b).read_bytes()
+    except (OSError, TypeError):
+        return False
+
+
 def check_resume_compatible(run_dir: Path, recipe: Recipe) -> None:
     """A run folder holding a different run is refused before anything is written."""
     import yaml
@@ -58,6 +65,8 @@ def check_resume_compatible(run_dir: Path, recipe: Recipe) -> None:
                         f"{new.get('train.max_steps')!r}; optim.{cosine[0]}.schedule is cosine, which decays to the "
                         f"end of the run, so it cannot be extended (use a new output_dir)")
     for key in sorted(set(old) | set(new)):
+        if key == "train.ds_config" and _same_file_content(old.get(key), new.get(key)):
+            continue  # the template moved (into the package in 0.2) but says the same
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
             raise UserError(f"{saved}: {key} was {old.get(key)!r}, now {new.get(key)!r}; resuming needs the same "
                             f"recipe (only train.max_steps, checkpointing and logging may change) "
@@ -124,24 +133,24 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     real = batches.real
     timesteps = recipe.generator.resolved_timesteps()
     ready = phase("engines ready")
-    generator, guidance = build_roles(teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
+    generator, critic_module = build_roles(teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
                                       resolution=resolution, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing)
     bf16 = engines.use_bf16(t.precision)
     ds = {o: engines.ds_config(t.ds_config, batch_size=t.batch_size, grad_clip=getattr(recipe.optim, o).grad_clip,
                                bf16=bf16, zero_stage=t.zero_stage) for o in ("generator", "critic")}
     gen_updates = -(-t.max_steps // t.update_ratio)  # the generator steps when step % update_ratio == 0
     gen_engine = engines.build_engine(generator, recipe.optim.generator, ds["generator"], gen_updates)
-    guidance_engine = engines.build_engine(guidance, recipe.optim.critic, ds["critic"], t.max_steps)
+    critic_engine = engines.build_engine(critic_module, recipe.optim.critic, ds["critic"], t.max_steps)
     ema = ShardedEMA(gen_engine, t.ema_decay) if t.ema_decay > 0 else None
     gen = faults.wrap(engines.EngineTrainee(gen_engine, ema), "loss_generator", "grad_generator")
-    critic = faults.wrap(engines.EngineTrainee(guidance_engine), "loss_critic")
+    critic = faults.wrap(engines.EngineTrainee(critic_engine), "loss_critic")
     ready.done()
 
     # Resume from the newest committed checkpoint that verifies (or the one asked for).
     ckpt, warnings = checkpoint.resolve_resume(run_dir, t.resume_from, rank, world)
     start = 0
     if ckpt is not None:
-        checkpoint.load(ckpt, gen_engine, guidance_engine)
+        checkpoint.load(ckpt, gen_engine, critic_engine)
         if ema is not None:
             ema.load(ckpt / "generator", rank)
         start = checkpoint.read_state(ckpt)["step"]
@@ -164,7 +173,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     step_times, bad_streak, skipped = [], 0, 0
 
     def save(done: int) -> None:
-        checkpoint.save(run_dir, done, gen_engine, guidance_engine,
+        checkpoint.save(run_dir, done, gen_engine, critic_engine,
                         {"teacher": recipe.model.teacher, "world_size": world, "timesteps": timesteps,
                          "skipped_steps": skipped},
                         keep_last=t.keep_last, rank=rank, protect=ckpt, ema=ema)

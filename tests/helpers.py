@@ -61,7 +61,7 @@ def check_run(run, steps, teacher, full_weights=True):
     assert (run / "recipe.yaml").is_file()
     ckpts = sorted((run / "checkpoints").iterdir())
     last = ckpts[-1]
-    assert (last / "COMMITTED").is_file() and (last / "generator").is_dir() and (last / "guidance").is_dir()
+    assert (last / "COMMITTED").is_file() and (last / "generator").is_dir() and (last / "critic").is_dir()
     assert json.loads((last / "state.json").read_text())["step"] == steps
     if not full_weights:  # a LoRA run's checkpoint holds adapters, not the UNet's keys
         return

@@ -138,7 +138,7 @@ def test_paths(tmp_path, monkeypatch):
 
 def test_defaults(tmp_path):
     recipe = load_recipe(_write(tmp_path, _base()))
-    assert recipe.train.ds_config == str(REPO / "ds_configs" / "zero3.json")
+    assert recipe.train.ds_config == str(REPO / "dmd2" / "ds_configs" / "zero3.json")
     assert recipe.optim.generator.betas == (0.9, 0.999)
     assert recipe.generator.resolved_timesteps() == [999]
     assert "conv_shortcut" in recipe.model.lora.target_modules

@@ -1,4 +1,4 @@
-"""The embedded default (issue 4): the digits data, teacher and judges, and a much shorter `make demo`
+"""The embedded default: the digits data, teacher and judges, and a much shorter `make demo`
 end to end that checks the student really beats the teacher at one network call."""
 
 from __future__ import annotations

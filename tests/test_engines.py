@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from dmd2.config import OptimizerConfig, Recipe
+from dmd2.config import DEFAULT_DS_CONFIG, OptimizerConfig, Recipe
 from dmd2.data import Batch
 from dmd2.distill import critic_loss, generator_loss
 from dmd2.models import Conditioner, load_teacher
@@ -40,13 +40,13 @@ def rig(tiny_teacher, request):
     threshold, checkpointing = LAYOUTS[request.param]
     engines.init_distributed()
     teacher = load_teacher(str(tiny_teacher("sd15")))
-    gen, guidance = build_roles(teacher, gan=True, resolution=32, seed=0, gradient_checkpointing=checkpointing)
-    ref_gen, ref_guidance = copy.deepcopy(gen), copy.deepcopy(guidance)  # before ZeRO-3 partitions them
-    cfg = engines.ds_config(engines.Path(__file__).resolve().parent.parent / "ds_configs/zero3.json",
+    gen, critic = build_roles(teacher, gan=True, resolution=32, seed=0, gradient_checkpointing=checkpointing)
+    ref_gen, ref_critic = copy.deepcopy(gen), copy.deepcopy(critic)  # before ZeRO-3 partitions them
+    cfg = engines.ds_config(DEFAULT_DS_CONFIG,
                             batch_size=2, grad_clip=10.0, bf16=False, zero_stage=3)
     cfg["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
     gen_engine = engines.build_engine(gen, OPTIM, cfg)
-    guidance_engine = engines.build_engine(guidance, OPTIM, copy.deepcopy(cfg))
+    critic_engine = engines.build_engine(critic, OPTIM, copy.deepcopy(cfg))
     c = Conditioner(teacher, 32)
     g = torch.Generator().manual_seed(0)
     batch = Batch(cond=c.encode_prompts(["a red circle", "blue stripes"]), uncond=c.uncond(2),
@@ -73,19 +73,19 @@ def _assert_grads_match(ds_grads, ref_module, names):
 
 def test_plain_pytorch_phases_touch_only_their_parameters(rig):
     """FastGen-style: which parameters receive gradients in each phase (the teacher never)."""
-    gen, guidance, batch = copy.deepcopy(rig["ref_gen"]), copy.deepcopy(rig["ref_guidance"]), rig["batch"]
-    set_phase(guidance, "generator")
+    gen, critic, batch = copy.deepcopy(rig["ref_gen"]), copy.deepcopy(rig["ref_critic"]), rig["batch"]
+    set_phase(critic, "generator")
     x = gen(rig["x_t"], rig["t"], batch.cond)
-    generator_loss(guidance, x, batch, _loss_cfg(), _gen())[0].backward()
+    generator_loss(critic, x, batch, _loss_cfg(), _gen())[0].backward()
     assert all(p.grad is not None for p in gen.parameters())
-    assert all(p.grad is None for p in guidance.parameters())
-    set_phase(guidance, "critic")
+    assert all(p.grad is None for p in critic.parameters())
+    set_phase(critic, "critic")
     gen.zero_grad(set_to_none=True)
-    critic_loss(guidance, x.detach(), batch, _loss_cfg(), _gen())[0].backward()
+    critic_loss(critic, x.detach(), batch, _loss_cfg(), _gen())[0].backward()
     assert all(p.grad is None for p in gen.parameters())
-    assert all(p.grad is None for p in guidance.teacher.parameters())
-    assert all(p.grad is not None for p in guidance.head.parameters())
-    assert sum(p.grad is not None for p in guidance.fake.parameters()) > 0.9 * len(list(guidance.fake.parameters()))
+    assert all(p.grad is None for p in critic.teacher.parameters())
+    assert all(p.grad is not None for p in critic.head.parameters())
+    assert sum(p.grad is not None for p in critic.fake.parameters()) > 0.9 * len(list(critic.fake.parameters()))
 
 
 def _sync(ref, module):
@@ -140,24 +140,24 @@ def test_engines_match_plain_pytorch(rig):
     and the critic never receives the generator's gradients (§9.2)."""
     from dmd2.step import critic_step, generator_step
 
-    gen_engine, guidance_engine, batch = rig["gen_engine"], rig["guidance_engine"], rig["batch"]
-    guide = guidance_engine.module
-    gen, critic = _Recording(gen_engine, also=guide), _Recording(guidance_engine)
-    ref_gen, ref_guidance = rig["ref_gen"], rig["ref_guidance"]
-    teacher0 = torch.cat([p.detach().flatten().clone() for n, p in ref_guidance.named_parameters()
+    gen_engine, critic_engine, batch = rig["gen_engine"], rig["critic_engine"], rig["batch"]
+    critic_module = critic_engine.module
+    gen, critic = _Recording(gen_engine, also=critic_module), _Recording(critic_engine)
+    ref_gen, ref_critic = rig["ref_gen"], rig["ref_critic"]
+    teacher0 = torch.cat([p.detach().flatten().clone() for n, p in ref_critic.named_parameters()
                           if n.startswith("teacher.")])
-    gen0, fake0 = _gathered(gen_engine.module), _gathered(guide, "fake.")
+    gen0, fake0 = _gathered(gen_engine.module), _gathered(critic_module, "fake.")
     for _ in range(3):
         _sync(ref_gen, gen_engine.module)
-        _sync(ref_guidance, guide)
+        _sync(ref_critic, critic_module)
         # generator step: engine forward of the generator, the critic's *module* with the critic frozen
         x, _, applied = generator_step(gen, critic, rig["x_t"], rig["t"], batch, _loss_cfg(), _gen())
         assert applied
-        set_phase(ref_guidance, "generator")
+        set_phase(ref_critic, "generator")
         x_ref = ref_gen(rig["x_t"], rig["t"], batch.cond)
-        ref_loss, _ = generator_loss(ref_guidance, x_ref, batch, _loss_cfg(), _gen())
+        ref_loss, _ = generator_loss(ref_critic, x_ref, batch, _loss_cfg(), _gen())
         ref_loss.backward()  # the plain-autograd reference
-        set_phase(ref_guidance, "critic")
+        set_phase(ref_critic, "critic")
         assert gen.loss == pytest.approx(ref_loss.item(), rel=1e-5)
         _assert_grads_match(gen.grads, ref_gen, list(gen.grads))
         assert all(gr is None or gr.abs().sum() == 0 for gr in gen.also_grads.values()), "critic got generator gradients"
@@ -165,15 +165,15 @@ def test_engines_match_plain_pytorch(rig):
         # critic step through the critic's engine, on the pre-update generator sample
         _, applied = critic_step(critic, x, batch, _loss_cfg(), _gen())
         assert applied
-        ref_closs, _ = critic_loss(ref_guidance, x_ref.detach(), batch, _loss_cfg(), _gen())
+        ref_closs, _ = critic_loss(ref_critic, x_ref.detach(), batch, _loss_cfg(), _gen())
         ref_closs.backward()
         assert critic.loss == pytest.approx(ref_closs.item(), rel=1e-5)
-        trainable = [n for n, p in guide.named_parameters() if p.requires_grad]
+        trainable = [n for n, p in critic_module.named_parameters() if p.requires_grad]
         assert trainable and not any(n.startswith("teacher.") for n in trainable)
-        _assert_grads_match(critic.grads, ref_guidance, trainable)
+        _assert_grads_match(critic.grads, ref_critic, trainable)
         assert all(g is None for n, g in critic.grads.items() if n.startswith("teacher."))
 
     # the teacher is unchanged; generator and fake score moved
-    assert torch.equal(_gathered(guide, "teacher."), teacher0)
-    assert not torch.equal(_gathered(guide, "fake."), fake0)
+    assert torch.equal(_gathered(critic_module, "teacher."), teacher0)
+    assert not torch.equal(_gathered(critic_module, "fake."), fake0)
     assert not torch.equal(_gathered(gen_engine.module), gen0)

@@ -123,7 +123,7 @@ def test_paths_that_are_files_are_one_line_errors(teacher, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # a full disk during a save
 
-SAVE_POINTS = ["save_after_generator", "save_after_guidance", "save_before_commit", "save_after_commit",
+SAVE_POINTS = ["save_after_generator", "save_after_critic", "save_before_commit", "save_after_commit",
                "rotate_after_uncommit"]
 
 

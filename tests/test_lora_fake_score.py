@@ -22,9 +22,9 @@ def test_lora_fake_score_shares_the_frozen_base(tiny_teacher):
     teacher = load_teacher(str(tiny_teacher("sd15")))
     original = copy.deepcopy(teacher.unet)
     lora = LoraConfig(enabled=True, fake_score=True, rank=4, alpha=4.0)
-    gen, guidance = build_roles(teacher, lora=lora, gan=True, resolution=32, seed=0, gradient_checkpointing=True)
-    assert guidance.teacher.unet is guidance.fake.unet  # one base for both
-    names = {n for n, p in guidance.named_parameters() if p.requires_grad}
+    gen, critic = build_roles(teacher, lora=lora, gan=True, resolution=32, seed=0, gradient_checkpointing=True)
+    assert critic.teacher.unet is critic.fake.unet  # one base for both
+    names = {n for n, p in critic.named_parameters() if p.requires_grad}
     assert names and all(".fake." in n or n.startswith("head.") for n in names)
     c = Conditioner(teacher, 32)
     g = torch.Generator().manual_seed(0)
@@ -33,23 +33,23 @@ def test_lora_fake_score_shares_the_frozen_base(tiny_teacher):
     x_t, t = torch.randn(2, 4, 8, 8, generator=g), torch.full((2,), 999)
 
     # generator phase: the critic's adapter stays frozen (peft's enable_adapters would unfreeze it)
-    set_phase(guidance, "generator")
+    set_phase(critic, "generator")
     x = gen(x_t, t, batch.cond)
-    generator_loss(guidance, x, batch, _loss_cfg(), torch.Generator().manual_seed(1))[0].backward()
-    assert all(p.grad is None for p in guidance.parameters())
-    assert not any(p.requires_grad for p in guidance.parameters())
+    generator_loss(critic, x, batch, _loss_cfg(), torch.Generator().manual_seed(1))[0].backward()
+    assert all(p.grad is None for p in critic.parameters())
+    assert not any(p.requires_grad for p in critic.parameters())
     # critic phase: gradients reach the fake score's adapter and the head, never the base
-    set_phase(guidance, "critic")
-    critic_loss(guidance, x.detach(), batch, _loss_cfg(), torch.Generator().manual_seed(2))[0].backward()
-    got = {n for n, p in guidance.named_parameters() if p.grad is not None}
+    set_phase(critic, "critic")
+    critic_loss(critic, x.detach(), batch, _loss_cfg(), torch.Generator().manual_seed(2))[0].backward()
+    got = {n for n, p in critic.named_parameters() if p.grad is not None}
     assert got and got <= names and any(".fake." in n for n in got)
 
     # with a trained adapter the fake score moves, the teacher view is still the teacher
     with torch.no_grad():
-        for n, p in guidance.named_parameters():
+        for n, p in critic.named_parameters():
             if "lora_B" in n:
                 p.add_(0.05)
         tt = torch.full((2,), 500)
         ref = original(x_t, tt, batch.cond["encoder_hidden_states"]).sample
-        assert torch.allclose(guidance.teacher.raw(x_t, tt, batch.cond), ref, atol=1e-6)
-        assert not torch.allclose(guidance.fake.raw(x_t, tt, batch.cond), ref, atol=1e-4)
+        assert torch.allclose(critic.teacher.raw(x_t, tt, batch.cond), ref, atol=1e-6)
+        assert not torch.allclose(critic.fake.raw(x_t, tt, batch.cond), ref, atol=1e-4)

@@ -8,7 +8,7 @@ from dmd2.schedule import DDPMSchedule, EDMSchedule, sample_timesteps
 
 
 def test_dm_loss_autograd_identity():
-    """dL_dm/dx = g / x.numel() with g = (x0_fake - x0_real) / mean|x - x0_real| (§4 step 6)."""
+    """dL_dm/dx = g / x.numel() with g = (x0_fake - x0_teacher) / mean|x - x0_teacher| (§4 step 6)."""
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, 5, requires_grad=True)
     fake, real = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)

@@ -2,6 +2,7 @@
 lost ranks. Every run goes through the real CLI (and the deepspeed launcher for 2 ranks); faults
 are injected with DMD2_FAULT (dmd2/faults.py)."""
 
+import json
 import random
 import shutil
 import signal
@@ -115,11 +116,11 @@ def test_resume_between_generator_updates_is_exact(teacher, reference, tmp_path)
 
 
 def test_kill_9_at_every_point_of_a_save(teacher, reference, tmp_path):
-    """SIGKILL after the generator's shards, after the guidance shards, before the commit marker,
+    """SIGKILL after the generator's shards, after the critic shards, before the commit marker,
     after it (before rotation), and in the middle of rotation; each re-run resumes from the newest
     complete checkpoint and the end result equals the uninterrupted run."""
     run = tmp_path / "run"
-    chain = ["save_after_generator@2", "save_after_guidance@4", "save_before_commit@6",
+    chain = ["save_after_generator@2", "save_after_critic@4", "save_before_commit@6",
              "save_after_commit@6", "rotate_after_uncommit@8"]
     for point in chain:
         res = run_cli(*_train_args(teacher, run), fault=f"kill:{point}")
@@ -139,7 +140,7 @@ def _copy_ckpt(src: Path, dst: Path) -> Path:
 
 
 def _shard(ckpt: Path) -> Path:
-    return ckpt / "guidance" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    return ckpt / "critic" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "missing_shard", "missing_manifest", "no_commit"])
@@ -184,6 +185,23 @@ def test_auto_resume_falls_back_and_explicit_resume_refuses(teacher, reference, 
     res = _ok(run_cli(*_train_args(teacher, run, STEPS)))
     assert "warning: skipping checkpoint" in res.stdout and "checksum mismatch" in res.stdout
     assert "resumed from" in res.stdout and "step_00000008" in res.stdout
+    assert_same_curve(run, reference)
+    assert_same_state(checkpoint.latest(run), checkpoint.latest(reference))
+
+
+def test_checkpoint_from_before_the_critic_rename_resumes_exactly(teacher, reference, tmp_path):
+    """Checkpoints written before 0.2 hold the critic engine in guidance/: they still resume."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(checkpoint.latest(run))
+    old = checkpoint.latest(run)
+    (old / "critic").rename(old / "guidance")
+    for manifest in old.glob("manifest.rank*.json"):
+        files = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({k.replace("critic/", "guidance/", 1): v for k, v in files.items()}))
+    checkpoint.verify(old)
+    res = _ok(run_cli(*_train_args(teacher, run)))
+    assert "resumed from" in res.stdout and old.name in res.stdout
     assert_same_curve(run, reference)
     assert_same_state(checkpoint.latest(run), checkpoint.latest(reference))
 
@@ -241,7 +259,7 @@ def test_nan_loss_or_gradient_never_reaches_the_weights(teacher, tmp_path):
     assert rows[3]["loss_generator"] != rows[3]["loss_generator"]  # NaN is logged as it was
     ck = {checkpoint.read_state(c)["step"]: c for c in checkpoint.committed(run)}
     gen = {s: _weights(ck[s], "generator") for s in (2, 3, 4, 5)}
-    guid = {s: _weights(ck[s], "guidance") for s in (3, 4)}
+    guid = {s: _weights(ck[s], "critic") for s in (3, 4)}
     assert _same(gen[2], gen[3]) and _same(gen[3], gen[4]) and _same(gen[4], gen[5])
     assert _same(guid[3], guid[4])
     for sd in (*gen.values(), *guid.values()):

@@ -1,6 +1,6 @@
 """The embedded default: scikit-learn's bundled handwritten digits (1797 real 8x8 images, 10
 classes, no download), a class-conditional EDM teacher trained on them, and the classifiers that
-measure FID / precision / recall / label accuracy in their feature space (issue 4).
+measure FID / precision / recall / label accuracy in their feature space.
 
 - ``data``        the digits as class sub-folders (a training split and a held-out split)
 - ``teacher``     the deterministic, seeded script that trains the diffusers teacher

@@ -203,7 +203,7 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int) -> dict[str, float]:
         run = p.out / s.name
         shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: the demo's numbers are reproducible
         p.runs[s.name] = run
-        args = ["train", s.recipe, f"output_dir={run.resolve()}", f"model.teacher={p.teacher.resolve()}",
+        args = ["train", str(REPO / s.recipe), f"output_dir={run.resolve()}", f"model.teacher={p.teacher.resolve()}",
                 f"data.real_images={(p.data / 'train').resolve()}"]
         if s.max_steps is not None:
             args.append(f"train.max_steps={s.max_steps}")
@@ -300,7 +300,6 @@ def main(argv: list[str] | None = None) -> None:
     profile = PROFILES[args.profile or ("bench" if args.bench else "demo")]
     out = Path(args.out).resolve() if args.out else REPO / profile.out
     cache = Path(args.cache).resolve() if args.cache else REPO / CACHE
-    os.chdir(REPO)  # the recipes are relative to the repository
     run(profile, out, cache=cache, jobs=args.jobs, train_teacher=args.train_teacher)
 
 

@@ -1,5 +1,5 @@
 """The demo's table: one row per sampler, scored from the images ``dmd2 eval`` kept, and the
-quality targets of issue 4.
+quality targets in the README ("The main job on CPU").
 
 FID comes from ``dmd2 eval`` (clean-fid with the digits feature extractor); precision/recall
 (k = 3) use the same features of the same images (``dmd2.evaluate.folder_features``), and label
@@ -136,7 +136,7 @@ def table(rows: list[Row]) -> str:
 
 
 def check_targets(rows: list[Row], which: str) -> list[tuple[str, bool]]:
-    """The quality targets of issue 4, as (description with figures, met)."""
+    """The demo's quality targets (README), as (description with figures, met)."""
     teacher = {r.nfe: r for r in rows if r.name.startswith("teacher@")}
     students = [r for r in rows if r.name.startswith("student")]
     one = next(r for r in students if r.nfe == 1)

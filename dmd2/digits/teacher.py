@@ -42,7 +42,7 @@ class TeacherSettings:
     ema_decay: float = 0.999
     # EDM training noise: ln sigma ~ N(p_mean, p_std^2); a fraction drawn uniformly over the
     # indices of the 1000-point Karras grid instead, because the DMD losses query the teacher
-    # there (DMD2_ALGORITHM.md §4), where lognormal sampling alone rarely goes above sigma ~ 5.
+    # there (docs/algorithm.md §4), where lognormal sampling alone rarely goes above sigma ~ 5.
     p_mean: float = -1.2
     p_std: float = 1.2
     grid_fraction: float = 0.2

@@ -1,4 +1,4 @@
-"""The GAN classifier on the fake-score UNet's mid-block (DMD2_ALGORITHM.md §6)."""
+"""The GAN classifier on the fake-score UNet's mid-block (docs/algorithm.md §6)."""
 
 from __future__ import annotations
 

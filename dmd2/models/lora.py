@@ -23,7 +23,7 @@ def adapters_off(unet: nn.Module):
     """The frozen base alone for the duration (the teacher, when the fake score is its LoRA).
 
     peft's enable_adapters() also makes the adapters trainable; the phase's requires_grad flags
-    are restored, so a frozen critic stays frozen (Trap 2).
+    are restored, so a frozen critic stays frozen (docs/algorithm.md §9.2).
     """
     flags = [(p, p.requires_grad) for p in unet.parameters()]
     unet.disable_adapters()

@@ -1,4 +1,4 @@
-"""The three networks of DMD2 built from one teacher (DMD2_ALGORITHM.md §1), and the one place
+"""The networks of DMD2 built from one teacher (docs/algorithm.md §1): the generator, and the critic, and the one place
 that switches ``requires_grad`` per phase."""
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ class TeacherView(Denoiser):
             return super().features(x_t, t, cond)
 
 
-class Guidance(nn.Module):
-    """Frozen teacher (real score) + trainable fake score + GAN head: one DeepSpeed engine.
+class Critic(nn.Module):
+    """The critic: frozen teacher (the real score) + trainable fake score + GAN head, one DeepSpeed
+    engine (the recipe's ``optim.critic``). Only the fake score and the head train.
 
     ``forward(fn, *args)`` returns ``fn(self, *args)``: the critic loss (a function in
     distill.py) runs through the engine's forward, so DeepSpeed's bookkeeping sees it, while the
-    generator phase calls the methods below on ``engine.module`` (see distill.py, Trap 1).
+    generator phase calls the methods below on ``engine.module`` (docs/algorithm.md §9.1).
     """
 
     def __init__(self, teacher: Denoiser, fake: Denoiser, head: GANHead | None):
@@ -51,7 +52,7 @@ class Guidance(nn.Module):
         return fn(self, *args, **kwargs)
 
     @torch.no_grad()
-    def real_x0(self, x_t, t, cond, uncond, cfg_scale: float) -> torch.Tensor:
+    def teacher_x0(self, x_t, t, cond, uncond, cfg_scale: float) -> torch.Tensor:
         """Teacher x0 with classifier-free guidance in the standard form (§4 step 4); cond and
         uncond run as one batch so ZeRO-3 gathers the teacher once."""
         if uncond is None or cfg_scale == 1.0:
@@ -67,19 +68,20 @@ class Guidance(nn.Module):
         return self.head(self.fake.features(x_t, t, cond))
 
 
-def set_phase(guidance: Guidance, phase: str) -> None:
+def set_phase(critic: Critic, phase: str) -> None:
     """Generator phase: the critic is frozen so its gradients neither accumulate nor reach the
-    bucket twice (Trap 2); critic phase: fake score and GAN head train. The teacher never does."""
-    critic = phase == "critic"
-    guidance.teacher.requires_grad_(False)
-    for p in guidance.fake_params:
-        p.requires_grad_(critic)
-    if guidance.head is not None:
-        guidance.head.requires_grad_(critic)
+    bucket twice (docs/algorithm.md §9.2); critic phase: fake score and GAN head train. The
+    teacher never does."""
+    train = phase == "critic"
+    critic.teacher.requires_grad_(False)
+    for p in critic.fake_params:
+        p.requires_grad_(train)
+    if critic.head is not None:
+        critic.head.requires_grad_(train)
 
 
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
-                gradient_checkpointing: bool) -> tuple[Denoiser, Guidance]:
+                gradient_checkpointing: bool) -> tuple[Denoiser, Critic]:
     """Generator and fake score start as copies of the teacher; the GAN head is random but the
     same on every rank (seeded), as ZeRO-3 partitions each rank's own copy.
 
@@ -106,7 +108,7 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = GANHead(teacher.mid_channels, teacher.mid_spatial(resolution))
-    real = (TeacherView if shared else Denoiser)(teacher.unet, teacher.schedule)
-    guidance = Guidance(real, Denoiser(fake_unet, teacher.schedule), head)
-    set_phase(guidance, "critic")
-    return Denoiser(gen_unet, teacher.schedule), guidance
+    teacher_view = (TeacherView if shared else Denoiser)(teacher.unet, teacher.schedule)
+    critic = Critic(teacher_view, Denoiser(fake_unet, teacher.schedule), head)
+    set_phase(critic, "critic")
+    return Denoiser(gen_unet, teacher.schedule), critic
