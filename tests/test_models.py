@@ -90,3 +90,30 @@ def test_sd15_uncond_is_empty_prompt(tiny_teacher):
     t = load_teacher(str(tiny_teacher("sd15")))
     c = Conditioner(t, 32)
     torch.testing.assert_close(c.uncond(2)["encoder_hidden_states"][1], c.encode_prompts([""])["encoder_hidden_states"][0])
+
+
+def test_trainable_copies_have_no_dropout_whatever_the_teacher_says():
+    """A teacher trained with dropout 0.1: the generator and fake score run the same function in
+    train mode (training, backward simulation) as in eval mode (sampling); the teacher is untouched."""
+    from diffusers import UNet2DModel
+
+    from dmd2.models import Teacher
+    from dmd2.models.roles import build_roles
+    from dmd2.schedule import EDMSchedule
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       num_class_embeds=10, norm_num_groups=8, dropout=0.1).eval()
+    teacher = Teacher("test", "classcond", unet, EDMSchedule(), {"_class_name": "EDMEulerScheduler"})
+    gen, critic = build_roles(teacher, gan=False, resolution=8, seed=0, gradient_checkpointing=False)
+    x, t, cond = torch.randn(2, 3, 8, 8), torch.full((2,), 500), {"class_labels": torch.tensor([1, 2])}
+    assert gen.training and critic.fake.training
+    with torch.no_grad():
+        for net in (gen, critic.fake):
+            train_out = net(x, t, cond)
+            assert torch.equal(train_out, net(x, t, cond))  # deterministic in train mode
+            net.eval()
+            assert torch.equal(train_out, net(x, t, cond))  # and the function sampling uses
+            net.train()
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in unet.modules())  # the teacher keeps its own

@@ -80,6 +80,17 @@ def set_phase(critic: Critic, phase: str) -> None:
         critic.head.requires_grad_(train)
 
 
+def without_dropout(module: nn.Module) -> nn.Module:
+    """Zero every dropout of a trainable copy: the teacher's training-time dropout is not the
+    student's. The authors' networks have none (docs/algorithm.md §1), and with it backward
+    simulation and the training forward (train mode) would see another network function than
+    sampling (eval mode). LoRA's own dropout is added afterwards and stays the recipe's."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return module
+
+
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
                 gradient_checkpointing: bool) -> tuple[Denoiser, Critic]:
     """Generator and fake score start as copies of the teacher; the GAN head is random but the
@@ -94,6 +105,7 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
     fake_unet = teacher.unet if shared else copy.deepcopy(teacher.unet)
     for unet in (gen_unet, fake_unet):
         unet.requires_grad_(True).train()
+        without_dropout(unet)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()  # non-reentrant: works when a module runs twice per backward
     if lora is not None and (lora.enabled or shared):
