@@ -218,6 +218,9 @@ class DataConfig(_Section):
     # A folder of images + captions.jsonl, or class sub-folders (class-conditional).
     real_images: str | None = Field(None, min_length=1)
     max_bad_fraction: Float = Field(0.1, ge=0, le=1)
+    # Where the generator's prompts come from: data.prompts, or "captions": the captions of the
+    # step's real-image batch (what the authors do in multi-step mode; docs/algorithm.md §3).
+    generator_prompts: Literal["prompts", "captions"] = "prompts"
     # Encode prompts, the unconditional prompt and real images once, into a keyed cache folder
     # ($DMD2_CACHE_DIR or ~/.cache/dmd2/conditioning), instead of every step (dmd2/cache.py).
     cache: Bool = True
@@ -250,6 +253,8 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _needs_real_images(self) -> Recipe:
         if self.data.real_images is None:
+            if self.data.generator_prompts == "captions":
+                raise _rule("data.generator_prompts", "captions come from data.real_images; set it", "captions")
             if self.loss.gan.enabled:
                 raise _rule("loss.gan.enabled", "the GAN loss needs data.real_images", True)
             if self.generator.num_steps > 1 and not self.generator.backward_simulation:

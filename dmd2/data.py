@@ -242,9 +242,10 @@ class Batches:
     real images with their captions (or labels) for the GAN, from one conditioning source."""
 
     def __init__(self, source, conditioner, *, prompts: list[str] | None, real: RealImages | None, shape,
-                 cfg: bool, seed: int, rank: int, world: int):
+                 cfg: bool, seed: int, rank: int, world: int, captions: bool = False):
         self.source, self.conditioner, self.prompts, self.real = source, conditioner, prompts, real
         self.shape, self.cfg, self.seed, self.rank, self.world = tuple(shape), cfg, seed, rank, world
+        self.captions = captions  # the generator's prompts are the real batch's captions
 
     @property
     def batch_size(self) -> int:
@@ -252,7 +253,9 @@ class Batches:
 
     def __call__(self, step: int, rng: torch.Generator) -> Batch:
         B, text = self.batch_size, self.conditioner.text
-        if self.prompts is not None:
+        if self.captions:
+            cond = None  # taken from the real batch below
+        elif self.prompts is not None:
             cond = self.source.prompts(batch_indices(len(self.prompts), step, self.rank, self.world, B, self.seed))
         else:
             labels = torch.randint(0, self.conditioner.num_classes, (B,), generator=rng, device=rng.device)
@@ -264,12 +267,16 @@ class Batches:
             real, real_cond, items = self.source.real(ridx)
             if not text:
                 real_cond = self.conditioner.encode_labels(torch.tensor([it.label for it in items]))
+            if self.captions:
+                cond = real_cond
         return Batch(cond, uncond, real, real_cond)
 
     def preview_cond(self, n: int) -> dict[str, torch.Tensor]:
         """The conditioning of the preview grid: the first n prompts, or the classes in turn."""
         if self.prompts is not None:
             return self.source.prompts([i % len(self.prompts) for i in range(n)])
+        if self.captions:  # no prompt list: the first real images' captions
+            return self.source.real([i % len(self.real) for i in range(n)])[1]
         return self.conditioner.encode_labels(torch.arange(n) % self.conditioner.num_classes)
 
 
@@ -279,8 +286,12 @@ def build_batches(cfg, teacher, *, resolution: int, batch_size: int, seed: int, 
     cache (built first if needed; collective) or live encoding."""
     from .models import Conditioner
 
+    captions = cfg.generator_prompts == "captions"
+    if captions and teacher.family == "classcond":
+        raise UserError("data.generator_prompts: captions is for text-to-image teachers; a class-conditional "
+                        "teacher draws labels")
     prompts = None
-    if teacher.family != "classcond":
+    if teacher.family != "classcond" and not (captions and cfg.prompts is None):
         if cfg.prompts is None:
             raise UserError(f"data.prompts: a {teacher.family} teacher needs prompts (a .txt or .jsonl file)")
         prompts = load_prompts(cfg.prompts)
@@ -301,4 +312,4 @@ def build_batches(cfg, teacher, *, resolution: int, batch_size: int, seed: int, 
     else:
         source = LiveConditioning(prompts, real, conditioner, vae, device)
     return Batches(source, conditioner, prompts=prompts, real=real, shape=shape, cfg=cfg_scale != 1.0, seed=seed,
-                   rank=rank, world=world)
+                   rank=rank, world=world, captions=captions)

@@ -217,9 +217,9 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
             n = recipe.logging.preview_images
             images = sample(gen.module, schedule, batches.preview_cond(n), (n, *batches.shape[1:]), timesteps,
                             Noise.per_sample(range(n), device))
-            groups = len(batches.prompts) if batches.prompts is not None else teacher.num_classes
-            log.preview(done, vae.decode(teacher.vae, images),
-                        **condition_layout(groups, batches.prompts is not None, n))
+            text = batches.conditioner.text
+            groups = len(batches.prompts) if batches.prompts is not None else n if text else teacher.num_classes
+            log.preview(done, vae.decode(teacher.vae, images), **condition_layout(groups, text, n))
 
         # Save state checkpoint; on SIGTERM/SIGINT (any rank) save and exit 0.
         stop = preempt.agreed(device, world)

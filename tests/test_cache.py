@@ -134,3 +134,26 @@ def test_training_losses_with_and_without_cache(tiny_teacher, tmp_path):
     for step, losses in curves["cached"].items():
         for k, v in losses.items():
             assert v == pytest.approx(curves["encoded"][step][k], rel=1e-4, abs=1e-7), (step, k)
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_generator_prompts_from_the_real_batch_captions(tiny_teacher, cache_dir, cache):
+    """data.generator_prompts=captions (the authors' multi-step mode): the generator is conditioned
+    on the captions of the step's real images, with or without data.prompts."""
+    teacher = tiny_teacher("sdxl")
+    for extra in ([], ["data.prompts=null"]):
+        batches = _setup(teacher, "sdxl", "data.generator_prompts=captions", f"data.cache={cache}", *extra)
+        for b in _batches(batches, 3):
+            for k in b.cond:
+                assert torch.equal(b.cond[k], b.real_cond[k]), k
+        assert batches.preview_cond(2)["encoder_hidden_states"].shape[0] == 2
+    plain = _setup(teacher, "sdxl", f"data.cache={cache}")(0, torch.Generator().manual_seed(0))
+    assert not torch.equal(plain.cond["encoder_hidden_states"], plain.real_cond["encoder_hidden_states"])
+
+
+def test_generator_prompts_captions_needs_real_images(tiny_teacher):
+    from dmd2.config import RecipeError
+
+    with pytest.raises(RecipeError, match="data.generator_prompts"):
+        load_recipe(REPO / "recipes/tiny_sdxl.yaml", ["model.teacher=x", "data.generator_prompts=captions",
+                                                       "data.real_images=null", "loss.gan.enabled=false"])
