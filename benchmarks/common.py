@@ -19,15 +19,12 @@ def cpu_env() -> None:
         os.environ.setdefault(k, v)
 
 
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def child_env(**extra) -> dict:
     """The environment for a child process: its own process group (a parent that initialised
     torch.distributed holds MASTER_PORT)."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    from dmd2.engines import fresh_process_env
+
+    return fresh_process_env(**extra)
 
 
 def alternate(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:

@@ -184,7 +184,7 @@ class Rig:
             self.critic_engine = engines.build_engine(critic, optim, ds["critic"])
             self.gen, self.critic = engines.EngineTrainee(self.gen_engine), engines.EngineTrainee(self.critic_engine)
         elif self.device.type == "meta":
-            self.gen, self.critic = _CountOnly(gen), _CountOnly(critic)
+            self.gen, self.critic = TorchTrainee(gen), TorchTrainee(critic)  # no optimizer: FLOPs only
         else:
             self.gen = TorchTrainee(gen.to(self.device), optim)
             self.critic = TorchTrainee(critic.to(self.device), optim)
@@ -204,27 +204,6 @@ class Rig:
         if self.engines:
             for e in (self.gen_engine, self.critic_engine):
                 e.destroy()
-
-
-class _CountOnly:
-    """``step.Trainee`` for FLOP counting on the meta device: forward and backward, no update (the
-    optimizer step is elementwise and uncounted, and meta tensors have no values to check)."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def backward(self, loss):
-        loss.backward()
-        return loss
-
-    def step(self) -> bool:
-        return True
-
-    def lr(self) -> float:
-        return 0.0
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import cache_root
 from .models.conditioning import cond_to
 
 FORMAT = 1  # bump when what is stored or how it is encoded changes
@@ -37,7 +38,7 @@ def default_root() -> Path:
     """``$DMD2_CACHE_DIR``, else ``~/.cache/dmd2/conditioning`` (shared by runs: folders are keyed)."""
     if os.environ.get("DMD2_CACHE_DIR"):
         return Path(os.environ["DMD2_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmd2" / "conditioning"
+    return cache_root("conditioning")
 
 
 def _stat(path: Path) -> list:

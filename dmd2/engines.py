@@ -18,6 +18,17 @@ import torch
 from .errors import UserError
 from .step import adamw
 
+# What a launcher (deepspeed, torchrun) or an initialised process group sets; a child process that
+# must form its own process group starts without them.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def fresh_process_env(**extra) -> dict:
+    """os.environ without LAUNCHER_VARS, plus ``extra``: the environment of a child process group."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
 
 def device() -> torch.device:
     if torch.cuda.is_available():

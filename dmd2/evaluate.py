@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .files import sha256_file
+from .files import cache_root, sha256_file
 from .generate import (
     barrier,
     choose_timesteps,
@@ -201,7 +201,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmd2" / "fid_stats"
+    return cache_root("fid_stats")
 
 
 def reference_stats(ref: str | Path, extractor: FeatureExtractor | None = None, protocol: Protocol = Protocol(), *,

@@ -23,9 +23,8 @@ import torch
 
 from .errors import UserError
 from .models.pipelines import diffusers_pipeline
-from .models.student import Student, export_metadata, is_export, load_student, write_export_meta
+from .models.student import DTYPES, Student, export_metadata, is_export, load_student, write_export_meta
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "dmd2_lora_kohya.safetensors"}
 # Scheduler settings carried from the teacher to the exported LCMScheduler (the noise schedule).
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",

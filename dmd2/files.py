@@ -28,3 +28,8 @@ def atomic_write(path: Path, text: str) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def cache_root(name: str) -> Path:
+    """dmd2's folder ``name`` under the user's cache ($XDG_CACHE_HOME, default ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmd2" / name

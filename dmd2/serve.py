@@ -29,10 +29,10 @@ from .generate import choose_timesteps, conditions, draw
 from .hub import require
 from .logs import to_uint8_images
 from .models import vae as vae_io
-from .models.student import Student, load_student
+from .models.student import DTYPES, Student, load_student
 from .schedule import T
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = DTYPES
 BATCH_SIZE = 8  # dmd2 sample's default --batch-size, so a page's batches are sample's batches
 MAX_SEED = 2**63 - 1
 TINY_VAE_INSTEAD = "--tiny-vae PATH of a local AutoencoderTiny folder (diffusers save_pretrained)"

@@ -64,11 +64,15 @@ class TorchTrainee:
     """Plain PyTorch: AdamW, gradient-norm clipping, and the same non-finite skip as DeepSpeed's
     ZeRO optimizers (a NaN/Inf global norm skips the update)."""
 
-    def __init__(self, module: nn.Module, optim_cfg, updates: int = 0):
+    def __init__(self, module: nn.Module, optim_cfg=None, updates: int = 0):
+        """``optim_cfg=None``: forward and backward only, no update (FLOP counting on the meta
+        device, where there are no values to clip or check)."""
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.grad_clip = optim_cfg.grad_clip
-        self.opt, self.sched = adamw(self.params, optim_cfg, updates)
+        self.opt = self.sched = None
+        if optim_cfg is not None:
+            self.grad_clip = optim_cfg.grad_clip
+            self.opt, self.sched = adamw(self.params, optim_cfg, updates)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -78,6 +82,8 @@ class TorchTrainee:
         return loss
 
     def step(self) -> bool:
+        if self.opt is None:
+            return True
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         applied = bool(torch.isfinite(norm))
         if applied:
@@ -87,7 +93,7 @@ class TorchTrainee:
         return applied
 
     def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
+        return self.sched.get_last_lr()[0] if self.sched is not None else 0.0
 
 
 def to_floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-
-
 def cli_env(**extra) -> dict:
     """A fresh process group: drop what an in-process engine test left in os.environ."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and k != "DMD2_FAULT"}
+    from dmd2.engines import fresh_process_env
+
+    env = fresh_process_env()
+    env.pop("DMD2_FAULT", None)
     env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"})
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli_env
 
 from dmd2.digits import classifiers
 from dmd2.digits.data import Split, load_split, read_class_folders, write_digits
@@ -98,9 +99,7 @@ def test_precision_recall_k3():
 def test_demo_student_beats_the_teacher_at_one_call(tmp_path):
     """A short `make demo` (profile "test"): the real CLI trains a 1-step student from the
     checked-in teacher with the GAN on the real digits, dmd2 eval scores both at one call."""
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT"}}
-    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"})
+    env = cli_env()
     out = tmp_path / "demo"
     res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", "test", "--out", str(out),
                           "--cache", str(tmp_path / "cache")], cwd=REPO, env=env, capture_output=True, text=True,

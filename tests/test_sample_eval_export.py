@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli_env
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,10 +27,7 @@ IMAGE_TOL = 1e-5
 
 
 def run_cli(*args, ranks=1, timeout=600):
-    # a fresh process group: drop what an in-process engine test left in os.environ
-    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"})
+    env = cli_env()  # a fresh process group: drop what an in-process engine test left in os.environ
     if ranks == 1:
         cmd = [sys.executable, "-m", "dmd2", *map(str, args)]
     else:

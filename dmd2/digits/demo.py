@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -134,9 +133,9 @@ def prepare(out: Path, cache: Path, train_teacher: bool) -> Paths:
 
 
 def _env() -> dict:
-    # a fresh process group each: nothing of a launcher's rank variables leaks in
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT"}}
+    from ..engines import fresh_process_env
+
+    env = fresh_process_env()  # a fresh process group each: nothing of a launcher's rank variables leaks in
     for k, v in {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
                  "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         env.setdefault(k, v)

@@ -21,6 +21,8 @@ from .denoiser import Denoiser
 from .loader import Teacher, load_teacher
 
 EXPORT_META = "dmd2.json"  # what makes a folder a dmd2 export
+# The weight dtypes export writes and serve runs in, by the names their flags take.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Student:
