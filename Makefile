@@ -46,9 +46,10 @@ demo: $(STAMP)
 bench-quality: $(STAMP)
 	$(PY) -m dmd2.digits.demo --bench
 
-# Reliability: the fault-injection tests plus the slow ones (random kill -9 soak, hung rank).
+# Reliability: the fault-injection tests plus the slow ones (random kill -9 soak, hung rank, a full
+# disk at every save point).
 reliability: $(PY)
-	$(PY) -m pytest -q -m "" tests/test_reliability.py tests/test_bad_input.py
+	$(PY) -m pytest -q -m "" tests/test_reliability.py tests/test_bad_input.py tests/test_first_hour.py
 
 # Speed and memory, side by side on CPU: every ratio with its goal, runs/bench/results.json.
 # (On a GPU: python benchmarks/gpu.py, see README "Performance".)
