@@ -119,7 +119,8 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     t = recipe.train
     torch.manual_seed(t.seed)
 
-    # Load and check everything before step 0; the run folder is written only after this.
+    # Load and check everything before step 0 (the teacher its own fit, data its files); the run
+    # folder is written only after this.
     run_dir = Path(recipe.output_dir)
     check_resume_compatible(run_dir, recipe)
     device = engines.device()
@@ -132,9 +133,12 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
                             cfg_scale=recipe.loss.cfg_scale, rank=rank, world=world, device=device)
     real = batches.real
     timesteps = recipe.generator.resolved_timesteps()
+
+    # Two engines over unchanged modules (docs/architecture.md), behind the step's Trainee interface.
     ready = phase("engines ready")
     generator, critic_module = build_roles(teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
-                                      resolution=resolution, seed=t.seed, gradient_checkpointing=t.gradient_checkpointing)
+                                           resolution=resolution, seed=t.seed,
+                                           gradient_checkpointing=t.gradient_checkpointing)
     bf16 = engines.use_bf16(t.precision)
     ds = {o: engines.ds_config(t.ds_config, batch_size=t.batch_size, grad_clip=getattr(recipe.optim, o).grad_clip,
                                bf16=bf16, zero_stage=t.zero_stage) for o in ("generator", "critic")}
@@ -184,14 +188,16 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         tic = time.perf_counter()
         # All randomness of this step derives from (seed, rank, step); k from (seed, step) only,
         # so every rank runs the same number of generator calls (ZeRO-3 gathers are collective).
-        g = torch.Generator(device).manual_seed(seed_for(t.seed, rank, step))
+        rng = torch.Generator(device).manual_seed(seed_for(t.seed, rank, step))
         torch.manual_seed(seed_for(t.seed, rank, step, 1))
         k = int(np.random.default_rng([t.seed, step]).integers(K)) if K > 1 else 0
-        batch = batches(step, g)
+        batch = batches(step, rng)
         faults.point("step_begin")
-        metrics, applied = train_step(gen, critic, batch, k=k, timesteps=timesteps, shape=batches.shape, loss_cfg=recipe.loss,
-                                      backward_simulation=recipe.generator.backward_simulation,
-                                      generator_turn=step % t.update_ratio == 0, rng=g, device=device)
+
+        # One iteration (dmd2/step.py): the generator's update every update_ratio steps, the critic's every step.
+        metrics, applied = train_step(gen, critic, batch, k=k, timesteps=timesteps, shape=batches.shape,
+                                      loss_cfg=recipe.loss, backward_simulation=recipe.generator.backward_simulation,
+                                      generator_turn=step % t.update_ratio == 0, rng=rng, device=device)
         metrics = {"k": k, **to_floats(metrics)}
         faults.point("step_end")
 
