@@ -155,6 +155,15 @@ class LossConfig(_Section):
     max_step_frac: Float = Field(0.98, ge=0, le=1)
     dm_weight: Float = Field(1.0, ge=0)
     fake_weight: Float = Field(1.0, ge=0)
+    # Which generator samples the critic (fake score + GAN discriminator) trains on, multi-step:
+    # "drawn_step", the output of the step k drawn for the iteration (the paper and the authors'
+    # code: the critic then models the mixture of the K steps' outputs), or "last_step", that output
+    # carried through the generator's remaining steps without gradient (the distribution sampling
+    # draws from). 1-step generators: the same.
+    critic_samples: Literal["drawn_step", "last_step"] = "drawn_step"
+    # A weight per generator step on the generator's loss at that step (multi-step; one per
+    # generator timestep). None: 1 for every step, as in the paper.
+    step_weights: list[Annotated[float, Field(ge=0)]] | None = None
     gan: GanConfig = Field(default_factory=GanConfig)
 
     @model_validator(mode="after")
@@ -249,6 +258,13 @@ class Recipe(_Section):
     train: TrainConfig
     data: DataConfig = Field(default_factory=DataConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _step_weights_per_step(self) -> Recipe:
+        w, k = self.loss.step_weights, self.generator.num_steps
+        if w is not None and len(w) != k:
+            raise _rule("loss.step_weights", f"needs one weight per generator step ({k})", w)
+        return self
 
     @model_validator(mode="after")
     def _needs_real_images(self) -> Recipe:

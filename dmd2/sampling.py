@@ -58,14 +58,20 @@ def sample(
     noise: Noise,
     *,
     deterministic: bool = False,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Start from pure noise at timesteps[0]; at each step predict x0, then re-noise it to the
     next timestep with *fresh* noise (correlated noise causes artifacts); return the last x0.
     No CFG: it is distilled into the generator.
 
     ``deterministic``: re-noise with the noise implied by the x0 prediction instead, which makes
-    this the teacher's own ODE sampler (DDIM for DDPM schedules, Euler for EDM), for eval."""
-    x = pure_noise(schedule, noise, shape, timesteps[0])
+    this the teacher's own ODE sampler (DDIM for DDPM schedules, Euler for EDM), for eval.
+    ``start``: an x0 prediction to continue from (re-noised to timesteps[0] with fresh noise)
+    instead of pure noise."""
+    if start is not None:
+        x = schedule.add_noise(start, noise(shape), timestep_batch(timesteps[0], shape[0], start.device))
+    else:
+        x = pure_noise(schedule, noise, shape, timesteps[0])
     x0 = x
     for i, t in enumerate(timesteps):
         tt = timestep_batch(t, shape[0], x.device)

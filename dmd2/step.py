@@ -19,6 +19,7 @@ from torch import nn
 from .data import Batch
 from .distill import critic_loss, generator_input, generator_loss
 from .models.roles import set_phase
+from .sampling import Noise, sample
 
 
 class Trainee(Protocol):
@@ -103,14 +104,18 @@ def to_floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(logs, torch.stack([v.float() for v in logs.values()]).tolist(), strict=True))
 
 
-def generator_step(gen: Trainee, critic: Trainee, x_t, t, batch: Batch, loss_cfg, rng: torch.Generator):
+def generator_step(gen: Trainee, critic: Trainee, x_t, t, batch: Batch, loss_cfg, rng: torch.Generator,
+                   weight: float = 1.0):
     """The generator's update (docs/algorithm.md §4, §6) with the critic frozen; returns its sample
-    ``x`` (which the critic then trains on), its losses and whether the update was applied."""
+    ``x`` (which the critic then trains on), its losses and whether the update was applied.
+    ``weight`` scales the loss (``loss.step_weights`` of the step trained)."""
     module = critic.module  # calling the critic's engine here would corrupt its next backward
     set_phase(module, "generator")
     try:
         x = gen(x_t, t, batch.cond)
         loss, logs = generator_loss(module, x, batch, loss_cfg, rng)
+        if weight != 1.0:
+            loss = loss * weight
         logs["loss_generator"] = gen.backward(loss).detach()
         applied = gen.step()
     finally:
@@ -136,9 +141,13 @@ def train_step(gen: Trainee, critic: Trainee, batch: Batch, *, k: int, timesteps
     x_t, t = generator_input(gen.module, schedule, timesteps, k, shape, batch, rng, backward_simulation, device)
     logs, applied = {}, True
     if generator_turn:
-        x, logs, applied = generator_step(gen, critic, x_t, t, batch, loss_cfg, rng)
+        weight = loss_cfg.step_weights[k] if loss_cfg.step_weights else 1.0
+        x, logs, applied = generator_step(gen, critic, x_t, t, batch, loss_cfg, rng, weight)
     else:
         with torch.no_grad():
             x = gen.module(x_t, t, batch.cond)
+    if loss_cfg.critic_samples == "last_step" and k + 1 < len(timesteps):
+        # the critic models what sampling draws: this output through the remaining steps
+        x = sample(gen.module, schedule, batch.cond, shape, timesteps[k + 1:], Noise(rng, device), start=x.detach())
     logs_c, critic_applied = critic_step(critic, x, batch, loss_cfg, rng)
     return {**logs, **logs_c}, applied and critic_applied

@@ -1,0 +1,89 @@
+"""dmd2.step on plain PyTorch (TorchTrainee): the multi-step options of the loss section."""
+
+import copy
+
+import pytest
+import torch
+
+from dmd2.config import LossConfig, OptimizerConfig
+from dmd2.data import Batch
+from dmd2.models import Conditioner, load_teacher
+from dmd2.models.roles import build_roles
+from dmd2.sampling import Noise, sample
+from dmd2.step import TorchTrainee, train_step
+
+TIMESTEPS = [999, 749, 499, 249]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_teacher):
+    teacher = load_teacher(str(tiny_teacher("sd15")))
+    gen, critic = build_roles(teacher, gan=False, resolution=32, seed=0, gradient_checkpointing=False)
+    cond = Conditioner(teacher, 32).encode_prompts(["a red circle", "blue stripes"])
+    return gen, critic, Batch(cond=cond)
+
+
+class _Recorder:
+    """A TorchTrainee that records what its forward was called with."""
+
+    def __init__(self, inner):
+        self.inner, self.module, self.calls = inner, inner.module, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args)
+        return self.inner(*args, **kwargs)
+
+    def backward(self, loss):
+        return self.inner.backward(loss)
+
+    def step(self):
+        return self.inner.step()
+
+    def lr(self):
+        return self.inner.lr()
+
+
+def _run(parts, k, generator_turn=True, **loss):
+    gen, critic, batch = (copy.deepcopy(p) for p in parts)
+    g, c = TorchTrainee(gen, OptimizerConfig(lr=1e-4)), _Recorder(TorchTrainee(critic, OptimizerConfig(lr=1e-4)))
+    calls = []
+    gen.register_forward_hook(lambda m, a, out: calls.append(int(a[1][0])))
+    logs, applied = train_step(g, c, batch, k=k, timesteps=TIMESTEPS, shape=(2, 4, 8, 8),
+                               loss_cfg=LossConfig.model_validate(loss), backward_simulation=True,
+                               generator_turn=generator_turn, rng=torch.Generator().manual_seed(3), device="cpu")
+    return logs, applied, c.calls[0][1], calls
+
+
+def test_sample_continues_from_a_start():
+    x0 = torch.randn(2, 3, 4, 4)
+    from dmd2.schedule import DDPMSchedule
+
+    s = DDPMSchedule.scaled_linear()
+    seen = []
+    out = sample(lambda x, t, c: seen.append((x.clone(), int(t[0]))) or x * 0.5, s, {}, (2, 3, 4, 4), [499, 249],
+                 Noise.per_sample([0, 1]), start=x0)
+    first_noise = Noise.per_sample([0, 1])((2, 3, 4, 4))
+    assert seen[0][1] == 499 and torch.allclose(seen[0][0], s.add_noise(x0, first_noise, torch.full((2,), 499)))
+    assert seen[1][1] == 249 and out.shape == x0.shape
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_critic_trains_on_last_step_samples_when_asked(parts, k):
+    """critic_samples=last_step: the critic's input is step k's output carried through the remaining
+    steps (K-1-k more generator calls, no gradient); at the last step it changes nothing."""
+    _, _, drawn_x, drawn_calls = _run(parts, k)
+    _, _, last_x, last_calls = _run(parts, k, critic_samples="last_step")
+    assert drawn_calls == TIMESTEPS[:k + 1]  # backward simulation (k calls) + the trained step
+    assert last_calls == TIMESTEPS[:k + 1] + TIMESTEPS[k + 1:]
+    assert not last_x.requires_grad
+    if k == len(TIMESTEPS) - 1:
+        assert torch.equal(drawn_x, last_x)
+    else:
+        assert not torch.allclose(drawn_x, last_x)
+
+
+def test_step_weights_scale_the_generator_loss(parts):
+    plain, *_ = _run(parts, 2)
+    half, *_ = _run(parts, 2, step_weights=[1, 1, 0.5, 1])
+    assert half["loss_generator"].item() == pytest.approx(0.5 * plain["loss_generator"].item(), rel=1e-6)
+    assert half["loss_dm"].item() == pytest.approx(plain["loss_dm"].item(), rel=1e-6)  # the term itself is unweighted
