@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--num-images", type=int, default=1000)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     paths = prepare(OUT, REPO / "runs" / "digits", train_teacher=False)
     run = OUT / "runs" / args.name
     shutil.rmtree(run, ignore_errors=True)
