@@ -77,29 +77,17 @@ def _poison(name: str, value):
     return value * float("nan") if _armed("nan", name, None) else value
 
 
-class _Faulty:
-    """A ``step.Trainee`` whose loss (``nan:<loss>``) or forward output's gradient (``nan:<grad>``)
-    becomes NaN at the armed steps; everything else passes through."""
-
-    def __init__(self, inner, loss: str, grad: str | None):
-        self.inner, self.module, self.loss, self.grad = inner, inner.module, loss, grad
-
-    def __call__(self, *args, **kwargs):
-        out = self.inner(*args, **kwargs)
-        return _poison_grad(self.grad, out) if self.grad else out
-
-    def backward(self, loss):
-        return self.inner.backward(_poison(self.loss, loss))
-
-    def step(self) -> bool:
-        return self.inner.step()
-
-    def lr(self) -> float:
-        return self.inner.lr()
-
-
 def wrap(trainee, loss: str, grad: str | None = None):
-    """``trainee`` with ``nan`` faults for its loss named ``loss`` (and the gradient of its output,
-    ``grad``) when DMD2_FAULT arms any; the trainee itself otherwise."""
-    names = {loss, grad}
-    return _Faulty(trainee, loss, grad) if any(a == "nan" and p in names for a, p in _FAULTS) else trainee
+    """``trainee`` (a ``step.Trainee``) whose loss named ``loss`` (and the gradient of its forward
+    output, ``grad``) becomes NaN at the steps DMD2_FAULT arms; the trainee itself when none is armed."""
+    from .step import Wrapped
+
+    class Faulty(Wrapped):
+        def __call__(self, *args, **kwargs):
+            out = self.inner(*args, **kwargs)
+            return _poison_grad(grad, out) if grad else out
+
+        def backward(self, value):
+            return self.inner.backward(_poison(loss, value))
+
+    return Faulty(trainee) if any(a == "nan" and p in {loss, grad} for a, p in _FAULTS) else trainee

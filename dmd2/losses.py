@@ -20,9 +20,9 @@ def dm_gradient(x: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor
 
     Shapes: all B x C x H x W.
     """
-    x, fake, real = x.float(), x0_fake.float(), x0_teacher.float()
-    norm = (x - real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
-    return torch.nan_to_num((fake - real) / norm)
+    x, fake, teacher = x.float(), x0_fake.float(), x0_teacher.float()
+    norm = (x - teacher).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+    return torch.nan_to_num((fake - teacher) / norm)
 
 
 def dmd_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_teacher: torch.Tensor) -> torch.Tensor:

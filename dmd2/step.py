@@ -39,6 +39,26 @@ class Trainee(Protocol):
     def lr(self) -> float: ...
 
 
+class Wrapped:
+    """A ``Trainee`` that passes everything to ``inner``: subclasses override the one call they
+    change (fault injection, tests that record what passed through)."""
+
+    def __init__(self, inner):
+        self.inner, self.module = inner, inner.module
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def backward(self, loss):
+        return self.inner.backward(loss)
+
+    def step(self) -> bool:
+        return self.inner.step()
+
+    def lr(self) -> float:
+        return self.inner.lr()
+
+
 def lr_factor(optim_cfg, updates: int):
     """The LR multiplier after ``s`` optimizer updates: linear warmup, then constant or cosine decay
     to ``min_lr_ratio`` at ``updates`` (the trainee's updates in the whole run)."""

@@ -12,6 +12,7 @@ from dmd2.data import Batch
 from dmd2.distill import critic_loss, generator_loss
 from dmd2.models import Conditioner, load_teacher
 from dmd2.models.roles import build_roles, set_phase
+from dmd2.step import Wrapped
 
 OPTIM = OptimizerConfig(lr=1e-4)
 
@@ -107,18 +108,15 @@ def _gathered(module, prefix=""):
         return torch.cat([p.detach().flatten().clone() for p in params])
 
 
-class _Recording:
+class _Recording(Wrapped):
     """The engine's ``step.Trainee``, recording full gradients (of its module and of ``also``) just
     before each update and the loss it back-propagated."""
 
     def __init__(self, engine, also=None):
         from dmd2.engines import EngineTrainee
 
-        self.inner, self.module, self.also = EngineTrainee(engine), engine.module, also
-        self.grads = self.also_grads = self.loss = None
-
-    def __call__(self, *args, **kwargs):
-        return self.inner(*args, **kwargs)
+        super().__init__(EngineTrainee(engine))
+        self.also, self.grads, self.also_grads, self.loss = also, None, None, None
 
     def backward(self, loss):
         self.loss = loss.item()
@@ -128,9 +126,6 @@ class _Recording:
         self.grads = _full_grads(self.module)
         self.also_grads = _full_grads(self.also) if self.also is not None else None
         return self.inner.step()
-
-    def lr(self):
-        return self.inner.lr()
 
 
 def test_engines_match_plain_pytorch(rig):

@@ -10,7 +10,7 @@ from dmd2.data import Batch
 from dmd2.models import Conditioner, load_teacher
 from dmd2.models.roles import build_roles
 from dmd2.sampling import Noise, sample
-from dmd2.step import TorchTrainee, train_step
+from dmd2.step import TorchTrainee, Wrapped, train_step
 
 TIMESTEPS = [999, 749, 499, 249]
 
@@ -23,24 +23,16 @@ def parts(tiny_teacher):
     return gen, critic, Batch(cond=cond)
 
 
-class _Recorder:
-    """A TorchTrainee that records what its forward was called with."""
+class _Recorder(Wrapped):
+    """A trainee that records what its forward was called with."""
 
     def __init__(self, inner):
-        self.inner, self.module, self.calls = inner, inner.module, []
+        super().__init__(inner)
+        self.calls = []
 
     def __call__(self, *args, **kwargs):
         self.calls.append(args)
         return self.inner(*args, **kwargs)
-
-    def backward(self, loss):
-        return self.inner.backward(loss)
-
-    def step(self):
-        return self.inner.step()
-
-    def lr(self):
-        return self.inner.lr()
 
 
 def _run(parts, k, generator_turn=True, **loss):
