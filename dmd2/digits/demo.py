@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .data import Split, write_digits
-from .report import Judge, Row, check_targets, comparison_grid, measure_speed, table
+from .report import DIGITS, T2I, Judge, Row, Sampler, check_targets, comparison_grid, measure_speed, table
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKED_IN_TEACHER = REPO / "recipes" / "data" / "digits_teacher"
@@ -38,37 +38,61 @@ CLASSIFIER_VERSION = 1  # bump when classifiers.py changes what it trains
 
 @dataclass(frozen=True)
 class Student:
-    name: str
+    name: str  # student_1step / student_4step
     recipe: str  # relative to the repository
+    benchmark: str = DIGITS
     max_steps: int | None = None  # None: the recipe's own
     overrides: tuple[str, ...] = ()  # key.path=value, as on the dmd2 command line
+    quarter: bool = False  # also score its checkpoint a quarter of the way (``<name>_quarter``)
+    first: bool = False  # also score it on all its timesteps but the last (``<name>_first3``)
+
+
+@dataclass(frozen=True)
+class TeacherRow:
+    benchmark: str
+    nfe: int
+    cfg: float | None = None  # digits-t2i: guidance scale (1: none; None: the student recipe's)
+
+    @property
+    def name(self) -> str:
+        return "teacher" if self.benchmark == DIGITS else "teacher_nocfg" if self.cfg == 1 else "teacher_cfg"
 
 
 @dataclass(frozen=True)
 class Profile:
     out: str
     students: tuple[Student, ...]
-    teacher_steps: tuple[int, ...]  # network calls of the teacher rows
+    teachers: tuple[TeacherRow, ...]
     num_images: int  # per sampler, classes evenly
     targets: str  # which quality targets are checked: demo, bench or test
     grid_images: int = 100
 
 
+def _teachers(benchmark: str, nfes: tuple[int, ...], nocfg: tuple[int, ...] = ()) -> tuple[TeacherRow, ...]:
+    return tuple(TeacherRow(benchmark, k) for k in nfes) + tuple(TeacherRow(benchmark, k, 1.0) for k in nocfg)
+
+
+_FAST = ("optim.generator.lr=3e-4", "optim.critic.lr=1e-3", "optim.generator.schedule=constant",
+         "optim.critic.schedule=constant", "train.batch_size=64")
 PROFILES = {
     "demo": Profile("runs/demo", (Student("student_1step", "recipes/digits_1step.yaml"),
-                                  Student("student_4step", "recipes/digits_4step.yaml")), (1, 4, 50), 1000, "demo"),
+                                  Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I)),
+                    _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1, 50)), 1000, "demo"),
     # The 1-step student at batch 256 for 1500 steps (the compute of 3000 at the recipe's 128):
     # FID 0.94 vs 1.39 at n=2000 (the teacher at 50 calls: 1.09; README, make bench-quality).
-    "bench": Profile("runs/bench-quality", (Student("student_1step", "recipes/digits_1step.yaml", 1500,
-                                                    ("train.batch_size=256",)),
-                                            Student("student_4step", "recipes/digits_4step.yaml", 2000)),
-                     (1, 4, 50), 2000, "bench"),
-    # tests/test_digits.py: the 1-step student only, briefly trained, against the 1-call teacher.
+    "bench": Profile("runs/bench-quality", (
+        Student("student_1step", "recipes/digits_1step.yaml", DIGITS, 1500, ("train.batch_size=256",)),
+        Student("student_4step", "recipes/digits_4step.yaml", DIGITS, 2000, quarter=True, first=True),
+        Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 1000),
+        Student("student_4step", "recipes/digits_t2i_4step.yaml", T2I, 1000, quarter=True, first=True)),
+        _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1, 4, 50), (50,)), 2000, "bench"),
+    # tests/test_digits.py: the 1-step students, briefly trained, against the 1-call teachers.
     # 150 steps need the faster constant rates of the recipe's first version (at the recipe's own
     # 1e-4/3e-4 cosine the student is at FID 43 after 150 steps, 0.65x the teacher's).
-    "test": Profile("runs/demo-test", (Student("student_1step", "recipes/digits_1step.yaml", 150, (
-        "optim.generator.lr=3e-4", "optim.critic.lr=1e-3", "optim.generator.schedule=constant",
-        "optim.critic.schedule=constant", "train.batch_size=64")),), (1,), 300, "test", grid_images=20),
+    "test": Profile("runs/demo-test", (Student("student_1step", "recipes/digits_1step.yaml", DIGITS, 150, _FAST),),
+                    _teachers(DIGITS, (1,)), 300, "test", grid_images=20),
+    "test-t2i": Profile("runs/demo-test-t2i", (Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 100,
+                                                       _FAST),), _teachers(T2I, (1,)), 300, "test", grid_images=20),
 }
 
 
@@ -78,7 +102,8 @@ class Paths:
     data: Path
     teacher: Path
     features: Path
-    runs: dict[str, Path] = field(default_factory=dict)
+    t2i_data: Path | None = None  # the captioned training digits at 16 px (digits-t2i's GAN data)
+    runs: dict[str, Path] = field(default_factory=dict)  # by run key (benchmark/name)
 
 
 def _say(msg: str) -> None:
@@ -93,7 +118,7 @@ def _digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def prepare(out: Path, cache: Path, train_teacher: bool) -> Paths:
+def prepare(out: Path, cache: Path, train_teacher: bool, t2i: bool = False) -> Paths:
     import numpy as np
 
     from . import classifiers
@@ -125,7 +150,12 @@ def prepare(out: Path, cache: Path, train_teacher: bool) -> Paths:
     acc = json.loads(features.with_suffix(".json").read_text())["heldout_accuracy"]
     _say(f"data {data} | teacher {teacher} | feature extractor {features} (held-out accuracy {acc:.3f})")
     np.seterr(all="ignore")
-    return Paths(out=out, data=data, teacher=teacher, features=features)
+    t2i_data = None
+    if t2i:
+        from .t2i import write_captioned_digits
+
+        t2i_data = write_captioned_digits(cache / "t2i_data")
+    return Paths(out=out, data=data, teacher=teacher, features=features, t2i_data=t2i_data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,98 +207,173 @@ def run_parallel(commands: list[tuple[str, list[str], Path]], jobs: int) -> dict
 # 2-4. Train, evaluate, sample
 
 
-def _nfe(recipe: str) -> int:
-    from ..config import load_recipe
-
-    return load_recipe(REPO / recipe).generator.num_steps
+def _key(s: Student) -> str:
+    return f"{s.benchmark}/{s.name}"
 
 
-def eval_plan(profile: Profile) -> list[tuple[Student, int | None]]:
-    """One ``dmd2 eval`` per teacher row, each beside the student with the same number of calls
-    (else the first); students not paired get an eval of their own."""
-    plan = [(next((s for s in profile.students if _nfe(s.recipe) == k), profile.students[0]), k)
-            for k in profile.teacher_steps]
-    plan += [(s, None) for s in profile.students if all(p[0] is not s for p in plan)]
+@dataclass(frozen=True)
+class Eval:
+    """One ``dmd2 eval``: a student row (all its timesteps, all but the last, or its quarter
+    checkpoint), or a teacher row drawn beside the first student of its benchmark."""
+
+    name: str  # its folder and log: <benchmark>_<row>_<nfe>
+    student: Student
+    row: str  # the row's name
+    teacher: TeacherRow | None = None
+    variant: str = ""  # "", "first3" or "quarter"
+
+
+def eval_plan(profile: Profile) -> list[Eval]:
+    plan = []
+    for s in profile.students:
+        plan.append(Eval(f"{s.benchmark}_{s.name}", s, s.name))
+        if s.first:
+            plan.append(Eval(f"{s.benchmark}_{s.name}_first", s, f"{s.name}_first3", variant="first3"))
+        if s.quarter:
+            plan.append(Eval(f"{s.benchmark}_{s.name}_quarter", s, f"{s.name}_quarter", variant="quarter"))
+    for t in profile.teachers:
+        s = next(s for s in profile.students if s.benchmark == t.benchmark)
+        plan.append(Eval(f"{t.benchmark}_{t.name}_{t.nfe}", s, t.name, teacher=t))
     return plan
 
 
-def _eval_name(student: Student, k: int | None) -> str:
-    return f"eval_{student.name}" + (f"_teacher{k}" if k else "")
+def _quarter_copy(run: Path, quarter: int) -> Path:
+    """The run folder as it stood at step ``quarter``: a copy without the later checkpoints."""
+    from .. import checkpoint
+
+    early = run.with_name(run.name + "_quarter")
+    shutil.rmtree(early, ignore_errors=True)
+    shutil.copytree(run, early)
+    for ckpt in checkpoint.committed(early):
+        if checkpoint.read_state(ckpt)["step"] > quarter:
+            shutil.rmtree(ckpt)
+    return early
+
+
+def _max_steps(s: Student) -> int:
+    from ..config import load_recipe
+
+    return s.max_steps or load_recipe(REPO / s.recipe).train.max_steps
 
 
 def train_and_eval(profile: Profile, p: Paths, jobs: int) -> dict[str, float]:
+    from .t2i import PROMPTS_FILE
+
     train_cmds = []
     for s in profile.students:
-        run = p.out / s.name
+        run = p.out / f"{s.benchmark}_{s.name}"
         shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: the demo's numbers are reproducible
-        p.runs[s.name] = run
-        args = ["train", str(REPO / s.recipe), f"output_dir={run.resolve()}", f"model.teacher={p.teacher.resolve()}",
-                f"data.real_images={(p.data / 'train').resolve()}"]
-        if s.max_steps is not None:
-            args.append(f"train.max_steps={s.max_steps}")
+        p.runs[_key(s)] = run
+        args = ["train", str(REPO / s.recipe), f"output_dir={run.resolve()}"]
+        if s.benchmark == DIGITS:
+            args += [f"model.teacher={p.teacher.resolve()}", f"data.real_images={(p.data / 'train').resolve()}"]
+        else:
+            args += [f"data.real_images={p.t2i_data.resolve()}"]
+        args.append(f"train.max_steps={_max_steps(s)}")
+        if s.quarter:  # a checkpoint at a quarter of the run, kept
+            args += [f"train.checkpoint_every={_max_steps(s) // 4}", "train.keep_last=4"]
         args += list(s.overrides)
-        train_cmds.append((f"train {s.name}", args, p.out / "logs" / f"train_{s.name}.log"))
+        train_cmds.append((f"train {_key(s)}", args, p.out / "logs" / f"train_{s.benchmark}_{s.name}.log"))
+    # the longest first: two jobs finish closer together
+    train_cmds.sort(key=lambda c: -_cost(next(s for s in profile.students if f"train {_key(s)}" == c[0])))
     seconds = run_parallel(train_cmds, jobs)
 
     eval_cmds = []
-    for s, k in eval_plan(profile):
-        name = _eval_name(s, k)
-        args = ["eval", str(p.runs[s.name].resolve()), "--fid", "--feature-extractor", str(p.features.resolve()),
+    for e in eval_plan(profile):
+        run = p.runs[_key(e.student)]
+        extra = []
+        if e.variant == "quarter":
+            run = _quarter_copy(run, _max_steps(e.student) // 4)
+        elif e.variant == "first3":
+            from ..models.student import load_student
+
+            extra += ["--timesteps", ",".join(map(str, load_student(run).timesteps[:-1]))]
+        if e.student.benchmark == T2I:  # image i: prompt i mod 60, whose digit is i mod 10
+            extra += ["--prompts-file", str(PROMPTS_FILE)]
+        if e.teacher is not None:
+            extra += ["--teacher", "--teacher-steps", str(e.teacher.nfe)]
+            if e.teacher.cfg is not None:
+                extra += ["--teacher-cfg", str(e.teacher.cfg)]
+        args = ["eval", str(run.resolve()), "--fid", "--feature-extractor", str(p.features.resolve()),
                 "--ref-dir", str((p.data / "train").resolve()), "--num-images", str(profile.num_images),
                 "--seed", "0", "--batch-size", "250", "--stats-cache", str((p.out / "fid_stats").resolve()),
-                "--images-dir", str((p.out / "eval" / name).resolve()), "--out", str((p.out / "eval" / f"{name}.json").resolve())]
-        if k is not None:
-            args += ["--teacher", "--teacher-steps", str(k)]
-        eval_cmds.append((name, args, p.out / "logs" / f"{name}.log"))
+                "--images-dir", str((p.out / "eval" / e.name).resolve()),
+                "--out", str((p.out / "eval" / f"{e.name}.json").resolve()), *extra]
+        eval_cmds.append((e.name, args, p.out / "logs" / f"eval_{e.name}.log"))
     for s in profile.students:
-        args = ["sample", str(p.runs[s.name].resolve()), "--labels", "all", "--num-images", str(profile.grid_images),
-                "--batch-size", "100", "--out", str((p.out / "samples" / s.name).resolve()), "--overwrite"]
-        eval_cmds.append((f"sample {s.name}", args, p.out / "logs" / f"sample_{s.name}.log"))
+        cond = ["--labels", "all"] if s.benchmark == DIGITS else ["--prompts-file", str(PROMPTS_FILE)]
+        args = ["sample", str(p.runs[_key(s)].resolve()), *cond, "--num-images", str(profile.grid_images),
+                "--batch-size", "100", "--out", str((p.out / "samples" / f"{s.benchmark}_{s.name}").resolve()),
+                "--overwrite"]
+        eval_cmds.append((f"sample {_key(s)}", args, p.out / "logs" / f"sample_{s.benchmark}_{s.name}.log"))
     seconds.update(run_parallel(eval_cmds, jobs))
     return seconds
+
+
+def _cost(s: Student) -> float:
+    """Rough core-seconds of a training run, to start the longest first (s/step measured here on
+    one core at batch 128: digits 1-step 0.4, 4-step 0.45; digits-t2i 1-step 0.7, 4-step 0.9)."""
+    from ..config import load_recipe
+
+    r = load_recipe(REPO / s.recipe)
+    batch = next((int(o.split("=")[1]) for o in s.overrides if o.startswith("train.batch_size=")), r.train.batch_size)
+    per_step = (0.7 if s.benchmark == T2I else 0.4) + (0.2 if r.generator.num_steps > 1 else 0.0)
+    return _max_steps(s) * per_step * batch / 128
 
 
 # ---------------------------------------------------------------------------------------------
 # Rows from the images dmd2 eval kept
 
 
-def collect_rows(profile: Profile, p: Paths) -> tuple[list[Row], dict[str, Path]]:
-    """One row per sampler (FID from the eval reports; precision, recall and label accuracy from
-    the same images) plus the real-vs-real floor; and the image folder of each row."""
+def collect_rows(profile: Profile, p: Paths) -> tuple[list[Row], dict[str, Path], dict[str, Sampler]]:
+    """One row per sampler (digits: FID from the eval reports; digits-t2i: the images reduced to
+    8 x 8 grey and FID taken here, in the same feature space; precision, recall and label accuracy
+    from the same images), the real-vs-real floor of each benchmark; the image folder and the
+    sampler of each row (by ``Row.key``)."""
+    from .t2i import CHECKED_IN, downscale_folder
+
     judge = Judge(p.features, p.data / "train")
-    rows, folders, seen = [], {}, set()
-    for s, k in eval_plan(profile):
-        name = _eval_name(s, k)
-        report = json.loads((p.out / "eval" / f"{name}.json").read_text())
+    rows, folders, samplers = [], {}, {}
+    n = profile.num_images
+    for e in eval_plan(profile):
+        report = json.loads((p.out / "eval" / f"{e.name}.json").read_text())
         fid = {m["name"]: m["value"] for m in report["metrics"]}
-        found = []
-        if k is not None:
-            found.append((f"teacher@{k}", k, p.out / "eval" / name / f"teacher_{k}steps", fid["teacher/fid"]))
-        if s.name not in seen:
-            seen.add(s.name)
-            nfe = len(report["protocol"]["timesteps"])
-            found.append((f"{s.name}@{nfe}", nfe, p.out / "eval" / name / "student", fid["fid"]))
-        for row_name, nfe, folder, value in found:
-            rows.append(judge.row(row_name, nfe, folder, value, profile.num_images))
-            folders[row_name] = folder
-    rows.append(judge.floor(p.data / "heldout"))
+        base = p.out / "eval" / e.name
+        if e.teacher is not None:
+            folder, value, nfe, steps = base / f"teacher_{e.teacher.nfe}steps", fid["teacher/fid"], e.teacher.nfe, None
+        else:
+            folder, value, nfe, steps = base / "student", fid["fid"], len(report["protocol"]["timesteps"]), report["step"]
+        if e.student.benchmark == T2I:  # the judges read 8 x 8 grey digits
+            folder = downscale_folder(folder, base / (folder.name + "_8px"), n)
+            value = judge.fid(folder)
+        row = judge.row(e.row, nfe, folder, value, n, benchmark=e.student.benchmark, steps=steps)
+        rows.append(row)
+        folders[row.key] = folder
+        if e.teacher is not None:
+            cfg = e.teacher.cfg if e.teacher.cfg is not None else report["teacher"]["cfg_scale"] or 1.0
+            samplers[row.key] = Sampler(p.teacher if e.student.benchmark == DIGITS else CHECKED_IN, True, cfg)
+        elif not e.variant:
+            samplers[row.key] = Sampler(p.runs[_key(e.student)])
+    for bench in dict.fromkeys(s.benchmark for s in profile.students):
+        # digits-t2i's real images are the same digits at 16 px; reduced, they are these exactly
+        rows.append(judge.floor(p.data / "heldout", bench))
     order = {"t": 0, "s": 1, "r": 2}
-    rows.sort(key=lambda r: (order[r.name[0]], r.nfe))
-    return rows, folders
+    rows.sort(key=lambda r: (r.benchmark != DIGITS, order[r.name[0]], r.name, r.nfe))
+    return rows, folders, samplers
 
 
 def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, train_teacher: bool = False) -> list[Row]:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    p = prepare(out, cache, train_teacher)
+    p = prepare(out, cache, train_teacher, t2i=any(s.benchmark == T2I for s in profile.students))
     seconds = train_and_eval(profile, p, jobs)
     _say("scoring the kept images and timing each sampler")
-    rows, folders = collect_rows(profile, p)
-    measure_speed(rows, {f"{name}@": run for name, run in p.runs.items()}, p.teacher)
+    rows, folders, samplers = collect_rows(profile, p)
+    measure_speed(rows, samplers)
     (out / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     grid = comparison_grid(rows, folders, out / "grid.png")
-    checks = check_targets(rows, profile.targets)
     wall = time.time() - t0
+    checks = check_targets(rows, profile.targets, wall if profile.targets == "demo" else None)
     print()
     print(table(rows))
     print()
@@ -289,7 +394,8 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, trai
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dmd2.digits.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--bench", action="store_true", help="make bench-quality: the same pipeline, longer")
-    ap.add_argument("--profile", choices=sorted(PROFILES), help="demo (default), bench, or test (tests/test_digits.py)")
+    ap.add_argument("--profile", choices=sorted(PROFILES),
+                    help="demo (default), bench, or test / test-t2i (tests/test_digits.py)")
     ap.add_argument("--out", help="output folder (default: the profile's, e.g. runs/demo)")
     ap.add_argument("--cache", help=f"folder for the data and the feature extractor (default: {CACHE})")
     ap.add_argument("--jobs", type=int, default=2, help="dmd2 processes at once (one per core)")

@@ -129,6 +129,25 @@ def downscale(images: torch.Tensor) -> np.ndarray:
     return np.repeat(u8[..., None], 3, axis=3)
 
 
+def downscale_folder(src: str | Path, dst: str | Path, n: int) -> Path:
+    """``src/{i:06d}.png`` (i < n, the benchmark's 16 px images) -> ``dst`` at 8 x 8 grey, reduced
+    by ``downscale``: the size the digits judges (feature extractor, label classifier) read."""
+    from PIL import Image
+
+    from ..generate import load_images
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for start in range(0, n, 500):
+        idx = range(start, min(n, start + 500))
+        x = load_images(src, idx).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        for i, img in zip(idx, downscale(x), strict=True):
+            Image.fromarray(img).save(dst / f"{i:06d}.png")
+    return dst
+
+
 def training_images(split: Split = Split()) -> tuple[torch.Tensor, torch.Tensor]:
     """The training split as N x 3 x 16 x 16 in [-1, 1] and labels N."""
     images, labels = load_split(split)["train"]
