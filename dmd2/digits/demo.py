@@ -1,18 +1,29 @@
-"""``make demo`` and ``make bench-quality``: distill the digits teacher on CPU and compare the
-students with the teacher at equal network calls, in one table.
+"""``make demo`` and ``make bench-quality``: distill the two digits teachers on CPU and compare the
+students with the teachers at equal sampling steps, in one table.
 
     python -m dmd2.digits.demo            # make demo: under 10 minutes on 2 idle CPU cores
-    python -m dmd2.digits.demo --bench    # make bench-quality: longer training, more samples
+    python -m dmd2.digits.demo --bench    # make bench-quality: all four students, longer, more samples
 
-1. Data, teacher, judges: the digits as class folders (``runs/digits/data``), the checked-in
-   teacher (``recipes/data/digits_teacher``; ``--train-teacher`` retrains it with
-   ``dmd2.digits.teacher`` into a cache), the feature extractor (cached under ``runs/digits/``,
-   keyed by a hash of its settings) and the label classifier.
+Two benchmarks, one report (rows carry ``benchmark``):
+
+- ``digits``: the class-conditional EDM teacher (``recipes/data/digits_teacher``);
+- ``digits-t2i``: the SDXL-layout text-to-image teacher (``recipes/data/digits_t2i_teacher``: two
+  CLIP encoders, a VAE, DDPM epsilon-prediction, CFG), prompted with the shipped prompts file
+  (image i: prompt i mod 60, whose digit is i mod 10); its 16 px images are reduced to 8 x 8 grey
+  (``t2i.downscale``) and judged in the same feature space as the digits.
+
+1. Data, teachers, judges: the digits as class folders (``runs/digits/data``), the captioned digits
+   at 16 px for digits-t2i's GAN, the checked-in teachers (``--train-teacher`` retrains the digits
+   one with ``dmd2.digits.teacher`` into a cache), the feature extractor (cached under
+   ``runs/digits/``, keyed by a hash of its settings) and the label classifier.
 2. ``dmd2 train`` for each student recipe, the same command and code path as SDXL; two runs at a
-   time (one per core).
-3. ``dmd2 eval --fid --teacher`` per student, which keeps its images; precision/recall and label
-   accuracy are computed here from those same images, in the same feature space as FID.
-4. ``dmd2 sample`` grids, ``<out>/report.json`` (one row per sampler) and the table.
+   time (one per core), the longest first.
+3. ``dmd2 eval --fid [--teacher]`` per row, which keeps its images: each student at all its
+   timesteps, multi-step ones also at all but the last (``_first3``) and at their checkpoint a
+   quarter of the way (``_quarter``); each teacher row beside a student of its benchmark.
+   Precision/recall and label accuracy are computed here from those same images.
+4. ``dmd2 sample`` grids, ``<out>/report.json`` (one row per sampler), ``<out>/grid.png`` and the
+   table; the profile's targets are checked and a miss exits 1.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ class Student:
 class TeacherRow:
     benchmark: str
     nfe: int
-    cfg: float | None = None  # digits-t2i: guidance scale (1: none; None: the student recipe's)
+    cfg: float | None = None  # digits-t2i: guidance scale (1: none); digits: None
 
     @property
     def name(self) -> str:
@@ -68,8 +79,19 @@ class Profile:
     grid_images: int = 100
 
 
+def t2i_teacher_cfg() -> float:
+    """teacher_cfg's guidance: the digits-t2i teacher's best at 50 steps (lowest FID with label
+    accuracy >= 0.95), as ``python -m dmd2.digits.t2i --check`` recorded it beside the weights. The
+    students' own ``loss.cfg_scale`` is a distillation setting, chosen by measurement (README)."""
+    from .t2i import CHECKED_IN
+
+    return float(json.loads((CHECKED_IN / "digits_t2i_teacher.json").read_text())
+                 ["quality"]["summary"]["best_guidance_scale"])
+
+
 def _teachers(benchmark: str, nfes: tuple[int, ...], nocfg: tuple[int, ...] = ()) -> tuple[TeacherRow, ...]:
-    return tuple(TeacherRow(benchmark, k) for k in nfes) + tuple(TeacherRow(benchmark, k, 1.0) for k in nocfg)
+    cfg = t2i_teacher_cfg() if benchmark == T2I else None
+    return tuple(TeacherRow(benchmark, k, cfg) for k in nfes) + tuple(TeacherRow(benchmark, k, 1.0) for k in nocfg)
 
 
 _FAST = ("optim.generator.lr=3e-4", "optim.critic.lr=1e-3", "optim.generator.schedule=constant",
@@ -91,7 +113,7 @@ PROFILES = {
     # 1e-4/3e-4 cosine the student is at FID 43 after 150 steps, 0.65x the teacher's).
     "test": Profile("runs/demo-test", (Student("student_1step", "recipes/digits_1step.yaml", DIGITS, 150, _FAST),),
                     _teachers(DIGITS, (1,)), 300, "test", grid_images=20),
-    "test-t2i": Profile("runs/demo-test-t2i", (Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 100,
+    "test-t2i": Profile("runs/demo-test-t2i", (Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 200,
                                                        _FAST),), _teachers(T2I, (1,)), 300, "test", grid_images=20),
 }
 
