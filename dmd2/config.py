@@ -146,6 +146,10 @@ class GanConfig(_Section):
     enabled: Bool = False
     generator_weight: Float = Field(3e-3, ge=0)
     discriminator_weight: Float = Field(1e-2, ge=0)
+    # Which fake-score activations the GAN head reads (docs/algorithm.md §6): "mid_block", the
+    # bottleneck after the mid-block (the authors' SD code), or "encoder_end", the last down block's
+    # output before the mid-block (the authors' EDM ImageNet code). Same channels and size.
+    feature_layer: Literal["mid_block", "encoder_end"] = "mid_block"
 
 
 class LossConfig(_Section):

@@ -138,7 +138,8 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     ready = phase("engines ready")
     generator, critic_module = build_roles(teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
                                            resolution=resolution, seed=t.seed,
-                                           gradient_checkpointing=t.gradient_checkpointing)
+                                           gradient_checkpointing=t.gradient_checkpointing,
+                                           gan_layer=recipe.loss.gan.feature_layer)
     bf16 = engines.use_bf16(t.precision)
     ds = {o: engines.ds_config(t.ds_config, batch_size=t.batch_size, grad_clip=getattr(recipe.optim, o).grad_clip,
                                bf16=bf16, zero_stage=t.zero_stage) for o in ("generator", "critic")}

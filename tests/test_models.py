@@ -65,6 +65,18 @@ def test_features_equal_mid_block_of_full_forward(tiny_teacher, family):
     logits = GANHead(t.mid_channels, t.mid_spatial(t.resolution))(feats)
     assert logits.shape == (2,)
 
+    # loss.gan.feature_layer=encoder_end: the mid-block's input, the same shape (the head fits both)
+    def into_mid(module, args, kwargs):  # returns None: the input is recorded, not replaced
+        seen["into_mid"] = args[0] if args else kwargs["hidden_states"]
+
+    h = t.unet.mid_block.register_forward_pre_hook(into_mid, with_kwargs=True)
+    with torch.no_grad():
+        d(x, tt, cond)
+        early = d.features(x, tt, cond, "encoder_end")
+    h.remove()
+    torch.testing.assert_close(early, seen["into_mid"])
+    assert early.shape == feats.shape and not torch.allclose(early, feats)
+
 
 @pytest.mark.parametrize("channels,groups", [(1280, 32), (768, 32), (64, 4)])
 def test_gan_head_groups_hold_at_least_16_channels(channels, groups):

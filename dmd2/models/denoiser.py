@@ -28,8 +28,10 @@ def unet_dtype(unet: nn.Module) -> torch.dtype:
     return next(unet.parameters()).dtype
 
 
-def mid_block_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, **kw) -> torch.Tensor:
-    """The UNet's forward up to and including the mid-block (the GAN head's input, §6).
+def mid_block_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, *, layer: str = "mid_block",
+                       **kw) -> torch.Tensor:
+    """The UNet's forward up to and including the mid-block (the GAN head's input, §6); with
+    ``layer="encoder_end"`` up to the last down block, before the mid-block.
 
     diffusers has no early exit, and running the up-blocks only to discard them would cost
     about half of each GAN pass, so this mirrors the first half of UNet2DConditionModel.forward
@@ -57,6 +59,8 @@ def mid_block_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Te
                 h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
             else:
                 h, _ = block(hidden_states=h, temb=emb)
+        if layer == "encoder_end":
+            return h
         if getattr(unet.mid_block, "has_cross_attention", False):
             return unet.mid_block(h, emb, encoder_hidden_states=ehs)
         return unet.mid_block(h, emb)
@@ -74,7 +78,7 @@ def mid_block_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Te
             h, _, skip = block(hidden_states=h, temb=emb, skip_sample=skip)
         else:
             h, _ = block(hidden_states=h, temb=emb)
-    return unet.mid_block(h, emb)
+    return h if layer == "encoder_end" else unet.mid_block(h, emb)
 
 
 class Denoiser(nn.Module):
@@ -95,8 +99,11 @@ class Denoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.schedule.to_x0(x_t.float(), self.raw(x_t, t, cond), t)
 
-    def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mid-block activations at (x_t, t, cond), for the GAN head."""
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                 layer: str = "mid_block") -> torch.Tensor:
+        """Mid-block (or ``layer="encoder_end"``: last down block) activations at (x_t, t, cond),
+        for the GAN head."""
         dtype = unet_dtype(self.unet)
         x_in, t_in = self.schedule.model_input(x_t, t)
-        return mid_block_features(self.unet, x_in.to(dtype), t_in, **_unet_kwargs(self.unet, cond, dtype))
+        return mid_block_features(self.unet, x_in.to(dtype), t_in, layer=layer,
+                                  **_unet_kwargs(self.unet, cond, dtype))

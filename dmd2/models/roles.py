@@ -23,11 +23,11 @@ class TeacherView(Denoiser):
         with adapters_off(self.unet):
             return super().raw(x_t, t, cond)
 
-    def features(self, x_t, t, cond):
+    def features(self, x_t, t, cond, layer="mid_block"):
         from .lora import adapters_off
 
         with adapters_off(self.unet):
-            return super().features(x_t, t, cond)
+            return super().features(x_t, t, cond, layer)
 
 
 class Critic(nn.Module):
@@ -39,11 +39,12 @@ class Critic(nn.Module):
     generator phase calls the methods below on ``engine.module`` (docs/algorithm.md §9.1).
     """
 
-    def __init__(self, teacher: Denoiser, fake: Denoiser, head: GANHead | None):
+    def __init__(self, teacher: Denoiser, fake: Denoiser, head: GANHead | None, gan_layer: str = "mid_block"):
         super().__init__()
         self.teacher = teacher
         self.fake = fake
         self.head = head
+        self.gan_layer = gan_layer  # loss.gan.feature_layer
         # the fake score's own trainable weights: all of them, or its adapter when it is a LoRA of
         # the teacher's UNet (a plain list, so nn.Module does not register them twice)
         self.fake_params = [p for p in fake.parameters() if p.requires_grad]
@@ -64,8 +65,8 @@ class Critic(nn.Module):
         return self.teacher.schedule.to_x0(x_t.float(), cfg(out_c, out_u, cfg_scale), t)
 
     def logits(self, x_t, t, cond) -> torch.Tensor:
-        """GAN logits: the head on the fake score's mid-block at (x_t, t, cond) (§6)."""
-        return self.head(self.fake.features(x_t, t, cond))
+        """GAN logits: the head on the fake score's mid-block (or encoder end) at (x_t, t, cond) (§6)."""
+        return self.head(self.fake.features(x_t, t, cond, self.gan_layer))
 
 
 def set_phase(critic: Critic, phase: str) -> None:
@@ -92,7 +93,7 @@ def without_dropout(module: nn.Module) -> nn.Module:
 
 
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
-                gradient_checkpointing: bool) -> tuple[Denoiser, Critic]:
+                gradient_checkpointing: bool, gan_layer: str = "mid_block") -> tuple[Denoiser, Critic]:
     """Generator and fake score start as copies of the teacher; the GAN head is random but the
     same on every rank (seeded), as ZeRO-3 partitions each rank's own copy.
 
@@ -121,6 +122,6 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
             torch.manual_seed(seed)
             head = GANHead(teacher.mid_channels, teacher.mid_spatial(resolution))
     teacher_view = (TeacherView if shared else Denoiser)(teacher.unet, teacher.schedule)
-    critic = Critic(teacher_view, Denoiser(fake_unet, teacher.schedule), head)
+    critic = Critic(teacher_view, Denoiser(fake_unet, teacher.schedule), head, gan_layer)
     set_phase(critic, "critic")
     return Denoiser(gen_unet, teacher.schedule), critic
