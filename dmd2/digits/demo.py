@@ -278,14 +278,19 @@ def _max_steps(s: Student) -> int:
     return s.max_steps or load_recipe(REPO / s.recipe).train.max_steps
 
 
-def train_and_eval(profile: Profile, p: Paths, jobs: int) -> dict[str, float]:
+def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False) -> dict[str, float]:
+    """Train every student (``rescore``: keep the finished runs already in ``p.out``), then the
+    evals and sample grids."""
     from .t2i import PROMPTS_FILE
 
     train_cmds = []
     for s in profile.students:
         run = p.out / f"{s.benchmark}_{s.name}"
-        shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: the demo's numbers are reproducible
         p.runs[_key(s)] = run
+        if rescore:
+            _check_finished(run, _max_steps(s))
+            continue
+        shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: the demo's numbers are reproducible
         args = ["train", str(REPO / s.recipe), f"output_dir={run.resolve()}"]
         if s.benchmark == DIGITS:
             args += [f"model.teacher={p.teacher.resolve()}", f"data.real_images={(p.data / 'train').resolve()}"]
@@ -330,6 +335,15 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int) -> dict[str, float]:
         eval_cmds.append((f"sample {_key(s)}", args, p.out / "logs" / f"sample_{s.benchmark}_{s.name}.log"))
     seconds.update(run_parallel(eval_cmds, jobs))
     return seconds
+
+
+def _check_finished(run: Path, steps: int) -> None:
+    from .. import checkpoint
+
+    done = [checkpoint.read_state(c)["step"] for c in checkpoint.committed(run)] if run.is_dir() else []
+    if steps not in done:
+        sys.exit(f"[demo] --rescore: {run} has no finished run of {steps} steps (checkpoints at {done or 'none'}); "
+                 "run without --rescore to train it")
 
 
 def _cost(s: Student) -> float:
@@ -384,11 +398,12 @@ def collect_rows(profile: Profile, p: Paths) -> tuple[list[Row], dict[str, Path]
     return rows, folders, samplers
 
 
-def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, train_teacher: bool = False) -> list[Row]:
+def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, train_teacher: bool = False,
+        rescore: bool = False) -> list[Row]:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     p = prepare(out, cache, train_teacher, t2i=any(s.benchmark == T2I for s in profile.students))
-    seconds = train_and_eval(profile, p, jobs)
+    seconds = train_and_eval(profile, p, jobs, rescore)
     _say("scoring the kept images and timing each sampler")
     rows, folders, samplers = collect_rows(profile, p)
     measure_speed(rows, samplers)
@@ -423,11 +438,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=2, help="dmd2 processes at once (one per core)")
     ap.add_argument("--train-teacher", action="store_true",
                     help="retrain the teacher with dmd2.digits.teacher (cached) instead of the checked-in copy")
+    ap.add_argument("--rescore", action="store_true",
+                    help="keep the finished student runs in the output folder; evaluate and report again")
     args = ap.parse_args(argv)
     profile = PROFILES[args.profile or ("bench" if args.bench else "demo")]
     out = Path(args.out).resolve() if args.out else REPO / profile.out
     cache = Path(args.cache).resolve() if args.cache else REPO / CACHE
-    run(profile, out, cache=cache, jobs=args.jobs, train_teacher=args.train_teacher)
+    run(profile, out, cache=cache, jobs=args.jobs, train_teacher=args.train_teacher, rescore=args.rescore)
 
 
 if __name__ == "__main__":
