@@ -194,13 +194,20 @@ def _env() -> dict:
     return env
 
 
-def run_parallel(commands: list[tuple[str, list[str], Path]], jobs: int) -> dict[str, float]:
-    """Run ``(name, dmd2 arguments, log file)`` with at most ``jobs`` at once; returns seconds per
-    name. The first failure stops the others and exits with its log's tail."""
-    pending, running, seconds = list(commands), {}, {}
+def run_parallel(commands: list[tuple], jobs: int) -> dict[str, float]:
+    """Run ``(name, dmd2 arguments, log file[, after])`` with at most ``jobs`` at once, in order,
+    except that a command waits for the one named ``after``; arguments may be a function, called
+    at the start (e.g. to read a finished run). Returns seconds per name. The first failure stops
+    the others and exits with its log's tail."""
+    pending, running, seconds = [tuple(c) + (None,) * (4 - len(c)) for c in commands], {}, {}
     while pending or running:
-        while pending and len(running) < jobs:
-            name, args, log = pending.pop(0)
+        while len(running) < jobs:
+            ready = next((c for c in pending if c[3] is None or c[3] in seconds), None)
+            if ready is None:
+                break
+            pending.remove(ready)
+            name, args, log, _ = ready
+            args = args() if callable(args) else args
             log.parent.mkdir(parents=True, exist_ok=True)
             f = open(log, "w", encoding="utf-8")
             cmd = [sys.executable, "-m", "dmd2", *args]
@@ -301,12 +308,11 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False)
             args += [f"train.checkpoint_every={_max_steps(s) // 4}", "train.keep_last=4"]
         args += list(s.overrides)
         train_cmds.append((f"train {_key(s)}", args, p.out / "logs" / f"train_{s.benchmark}_{s.name}.log"))
-    # the longest first: two jobs finish closer together
+    # the longest first: two jobs finish closer together; each student's evals start as soon as
+    # its training ends, on the core it frees
     train_cmds.sort(key=lambda c: -_cost(next(s for s in profile.students if f"train {_key(s)}" == c[0])))
-    seconds = run_parallel(train_cmds, jobs)
 
-    eval_cmds = []
-    for e in eval_plan(profile):
+    def eval_args(e: Eval) -> list[str]:
         run = p.runs[_key(e.student)]
         extra = []
         if e.variant == "quarter":
@@ -321,19 +327,23 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False)
             extra += ["--teacher", "--teacher-steps", str(e.teacher.nfe)]
             if e.teacher.cfg is not None:
                 extra += ["--teacher-cfg", str(e.teacher.cfg)]
-        args = ["eval", str(run.resolve()), "--fid", "--feature-extractor", str(p.features.resolve()),
+        return ["eval", str(run.resolve()), "--fid", "--feature-extractor", str(p.features.resolve()),
                 "--ref-dir", str((p.data / "train").resolve()), "--num-images", str(profile.num_images),
                 "--seed", "0", "--batch-size", "250", "--stats-cache", str((p.out / "fid_stats").resolve()),
                 "--images-dir", str((p.out / "eval" / e.name).resolve()),
                 "--out", str((p.out / "eval" / f"{e.name}.json").resolve()), *extra]
-        eval_cmds.append((e.name, args, p.out / "logs" / f"eval_{e.name}.log"))
+
+    after = (lambda s: None) if rescore else (lambda s: f"train {_key(s)}")
+    eval_cmds = [(e.name, lambda e=e: eval_args(e), p.out / "logs" / f"eval_{e.name}.log", after(e.student))
+                 for e in eval_plan(profile)]
     for s in profile.students:
         cond = ["--labels", "all"] if s.benchmark == DIGITS else ["--prompts-file", str(PROMPTS_FILE)]
         args = ["sample", str(p.runs[_key(s)].resolve()), *cond, "--num-images", str(profile.grid_images),
                 "--batch-size", "100", "--out", str((p.out / "samples" / f"{s.benchmark}_{s.name}").resolve()),
                 "--overwrite"]
-        eval_cmds.append((f"sample {_key(s)}", args, p.out / "logs" / f"sample_{s.benchmark}_{s.name}.log"))
-    seconds.update(run_parallel(eval_cmds, jobs))
+        eval_cmds.append((f"sample {_key(s)}", args, p.out / "logs" / f"sample_{s.benchmark}_{s.name}.log",
+                          after(s)))
+    seconds = run_parallel(train_cmds + eval_cmds, jobs)
     return seconds
 
 
