@@ -115,7 +115,7 @@ PROFILES = {
     # 1e-4/3e-4 cosine the student is at FID 43 after 150 steps, 0.65x the teacher's).
     "test": Profile("runs/demo-test", (Student("student_1step", "recipes/digits_1step.yaml", DIGITS, 150, _FAST),),
                     _teachers(DIGITS, (1,)), 300, "test", grid_images=20),
-    "test-t2i": Profile("runs/demo-test-t2i", (Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 200,
+    "test-t2i": Profile("runs/demo-test-t2i", (Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 300,
                                                        _FAST),), _teachers(T2I, (1,)), 300, "test", grid_images=20),
 }
 
