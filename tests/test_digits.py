@@ -96,16 +96,19 @@ def test_precision_recall_k3():
     assert precision_recall(real, fake + 10) == (0.0, 0.0)
 
 
+def _demo(profile: str, out: Path, cache: Path) -> dict:
+    """python -m dmd2.digits.demo --profile PROFILE through the CLI; its rows by (benchmark, name, nfe)."""
+    res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", profile, "--out", str(out),
+                          "--cache", str(cache)], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return {(r["benchmark"], r["name"], r["nfe"]): r for r in json.loads((out / "report.json").read_text())}
+
+
 def test_demo_student_beats_the_teacher_at_one_call(tmp_path):
     """A short `make demo` (profile "test"): the real CLI trains a 1-step student from the
     checked-in teacher with the GAN on the real digits, dmd2 eval scores both at one call."""
-    env = cli_env()
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", "test", "--out", str(out),
-                          "--cache", str(tmp_path / "cache")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=1200)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    rows = {(r["benchmark"], r["name"], r["nfe"]): r for r in json.loads((out / "report.json").read_text())}
+    rows = _demo("test", out, tmp_path / "cache")
     student, teacher = rows["digits", "student_1step", 1], rows["digits", "teacher", 1]
     assert set(student) == {"name", "nfe", "fid", "precision", "recall", "label_accuracy", "images_per_s",
                             "benchmark", "steps"}
@@ -123,13 +126,8 @@ def test_demo_t2i_student_beats_the_cfg_teacher_at_one_call(tmp_path):
     DDPM epsilon in VAE latents, conditioning timestep 399, the GAN on the captioned digits) trains
     a 1-step student from the checked-in text-to-image teacher; scored at 8 x 8 against the teacher
     with CFG at one call, and it draws the prompt's digit."""
-    env = cli_env()
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", "test-t2i", "--out", str(out),
-                          "--cache", str(tmp_path / "cache")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=1200)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    rows = {(r["benchmark"], r["name"], r["nfe"]): r for r in json.loads((out / "report.json").read_text())}
+    rows = _demo("test-t2i", out, tmp_path / "cache")
     student, teacher = rows["digits-t2i", "student_1step", 1], rows["digits-t2i", "teacher_cfg", 1]
     assert student["fid"] <= 0.5 * teacher["fid"], (student, teacher)
     assert student["label_accuracy"] >= 0.8, student
