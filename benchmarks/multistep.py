@@ -35,7 +35,7 @@ def _dmd2(*args: str) -> None:
 
 def _score(run: Path, paths, judge, timesteps: list[int] | None, n: int, name: str, t2i: bool) -> dict:
     from dmd2.digits import t2i as digits_t2i
-    from dmd2.evaluate import folder_features, frechet_distance, stats
+    from dmd2.digits.report import DIGITS, T2I
 
     images = OUT / "images" / name
     report = OUT / "images" / f"{name}.json"
@@ -46,20 +46,14 @@ def _score(run: Path, paths, judge, timesteps: list[int] | None, n: int, name: s
           str(paths.data / "train"), "--num-images", str(n), *extra,
           "--images-dir", str(images), "--out", str(report))
     rep = json.loads(report.read_text())
-    folder = images / "student"
-    if t2i:  # the judges read 8 x 8: reduce, and take FID in that space here
-        folder = digits_t2i.downscale_folder(folder, images / "student_8px", n)
-        fid = frechet_distance(*stats(folder_features(folder, judge.extractor, batch_size=500)), *stats(judge.real))
-    else:
-        fid = {m["name"]: m["value"] for m in rep["metrics"]}["fid"]
-    row = judge.row(name, len(rep["protocol"]["timesteps"]), folder, fid, n)
-    return {"fid": round(fid, 3), "precision": round(row.precision, 3), "recall": round(row.recall, 3),
+    fid = {m["name"]: m["value"] for m in rep["metrics"]}["fid"]
+    row, _ = judge.score(name, len(rep["protocol"]["timesteps"]), images / "student", fid, n, T2I if t2i else DIGITS)
+    return {"fid": round(row.fid, 3), "precision": round(row.precision, 3), "recall": round(row.recall, 3),
             "label_accuracy": round(row.label_accuracy, 3)}
 
 
 def main(argv=None) -> None:
-    from dmd2 import checkpoint
-    from dmd2.digits.demo import prepare
+    from dmd2.digits.demo import prepare, quarter_copy
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name")
@@ -84,12 +78,7 @@ def main(argv=None) -> None:
     _dmd2("train", str(REPO / args.recipe), f"output_dir={run}", *data_args,
           f"train.max_steps={args.steps}", f"train.checkpoint_every={quarter}", "train.keep_last=8", *args.overrides)
     train_s = time.time() - tic
-    early = OUT / "runs" / f"{args.name}_quarter"
-    shutil.rmtree(early, ignore_errors=True)
-    shutil.copytree(run, early)
-    for ckpt in checkpoint.committed(early):
-        if checkpoint.read_state(ckpt)["step"] > quarter:
-            shutil.rmtree(ckpt)
+    early = quarter_copy(run, quarter)
     from dmd2.digits.report import Judge
 
     judge = Judge(paths.features, paths.data / "train")

@@ -29,13 +29,14 @@ Two benchmarks, one report (rows carry ``benchmark``):
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data import Split, write_digits
@@ -62,7 +63,7 @@ class Student:
 class TeacherRow:
     benchmark: str
     nfe: int
-    cfg: float | None = None  # digits-t2i: guidance scale (1: none); digits: None
+    cfg: float | None = None  # digits-t2i: guidance scale, 1 = none, None = the teacher's best (t2i_teacher_cfg)
 
     @property
     def name(self) -> str:
@@ -90,8 +91,7 @@ def t2i_teacher_cfg() -> float:
 
 
 def _teachers(benchmark: str, nfes: tuple[int, ...], nocfg: tuple[int, ...] = ()) -> tuple[TeacherRow, ...]:
-    cfg = t2i_teacher_cfg() if benchmark == T2I else None
-    return tuple(TeacherRow(benchmark, k, cfg) for k in nfes) + tuple(TeacherRow(benchmark, k, 1.0) for k in nocfg)
+    return tuple(TeacherRow(benchmark, k) for k in nfes) + tuple(TeacherRow(benchmark, k, 1.0) for k in nocfg)
 
 
 _FAST = ("optim.generator.lr=3e-4", "optim.critic.lr=1e-3", "optim.generator.schedule=constant",
@@ -268,7 +268,7 @@ def eval_plan(profile: Profile) -> list[Eval]:
     return plan
 
 
-def _quarter_copy(run: Path, quarter: int) -> Path:
+def quarter_copy(run: Path, quarter: int) -> Path:
     """The run folder as it stood at step ``quarter``: a copy without the later checkpoints."""
     from .. import checkpoint
 
@@ -281,10 +281,15 @@ def _quarter_copy(run: Path, quarter: int) -> Path:
     return early
 
 
-def _max_steps(s: Student) -> int:
+@functools.cache
+def _recipe(path: str):
     from ..config import load_recipe
 
-    return s.max_steps or load_recipe(REPO / s.recipe).train.max_steps
+    return load_recipe(REPO / path)
+
+
+def _max_steps(s: Student) -> int:
+    return s.max_steps or _recipe(s.recipe).train.max_steps
 
 
 def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False) -> dict[str, float]:
@@ -293,7 +298,7 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False)
     from .t2i import PROMPTS_FILE
 
     train_cmds = []
-    for s in profile.students:
+    for s in sorted(profile.students, key=_cost, reverse=True):  # the longest first: two jobs end closer together
         run = p.out / f"{s.benchmark}_{s.name}"
         p.runs[_key(s)] = run
         if rescore:
@@ -310,15 +315,13 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False)
             args += [f"train.checkpoint_every={_max_steps(s) // 4}", "train.keep_last=4"]
         args += list(s.overrides)
         train_cmds.append((f"train {_key(s)}", args, p.out / "logs" / f"train_{s.benchmark}_{s.name}.log"))
-    # the longest first: two jobs finish closer together; each student's evals start as soon as
-    # its training ends, on the core it frees
-    train_cmds.sort(key=lambda c: -_cost(next(s for s in profile.students if f"train {_key(s)}" == c[0])))
+    # each student's evals start as soon as its training ends, on the core it frees
 
     def eval_args(e: Eval) -> list[str]:
         run = p.runs[_key(e.student)]
         extra = []
         if e.variant == "quarter":
-            run = _quarter_copy(run, _max_steps(e.student) // 4)
+            run = quarter_copy(run, _max_steps(e.student) // 4)
         elif e.variant == "first3":
             from ..models.student import load_student
 
@@ -327,8 +330,8 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False)
             extra += ["--prompts-file", str(PROMPTS_FILE)]
         if e.teacher is not None:
             extra += ["--teacher", "--teacher-steps", str(e.teacher.nfe)]
-            if e.teacher.cfg is not None:
-                extra += ["--teacher-cfg", str(e.teacher.cfg)]
+            if e.student.benchmark == T2I:
+                extra += ["--teacher-cfg", str(e.teacher.cfg or t2i_teacher_cfg())]
         return ["eval", str(run.resolve()), "--fid", "--feature-extractor", str(p.features.resolve()),
                 "--ref-dir", str((p.data / "train").resolve()), "--num-images", str(profile.num_images),
                 "--seed", "0", "--batch-size", "250", "--stats-cache", str((p.out / "fid_stats").resolve()),
@@ -361,9 +364,7 @@ def _check_finished(run: Path, steps: int) -> None:
 def _cost(s: Student) -> float:
     """Rough core-seconds of a training run, to start the longest first (s/step measured here on
     one core at batch 128: digits 1-step 0.4, 4-step 0.45; digits-t2i 1-step 0.7, 4-step 0.9)."""
-    from ..config import load_recipe
-
-    r = load_recipe(REPO / s.recipe)
+    r = _recipe(s.recipe)
     batch = next((int(o.split("=")[1]) for o in s.overrides if o.startswith("train.batch_size=")), r.train.batch_size)
     per_step = (0.7 if s.benchmark == T2I else 0.4) + (0.2 if r.generator.num_steps > 1 else 0.0)
     return _max_steps(s) * per_step * batch / 128
@@ -378,7 +379,7 @@ def collect_rows(profile: Profile, p: Paths) -> tuple[list[Row], dict[str, Path]
     8 x 8 grey and FID taken here, in the same feature space; precision, recall and label accuracy
     from the same images), the real-vs-real floor of each benchmark; the image folder and the
     sampler of each row (by ``Row.key``)."""
-    from .t2i import CHECKED_IN, downscale_folder
+    from .t2i import CHECKED_IN
 
     judge = Judge(p.features, p.data / "train")
     rows, folders, samplers = [], {}, {}
@@ -391,20 +392,18 @@ def collect_rows(profile: Profile, p: Paths) -> tuple[list[Row], dict[str, Path]
             folder, value, nfe, steps = base / f"teacher_{e.teacher.nfe}steps", fid["teacher/fid"], e.teacher.nfe, None
         else:
             folder, value, nfe, steps = base / "student", fid["fid"], len(report["protocol"]["timesteps"]), report["step"]
-        if e.student.benchmark == T2I:  # the judges read 8 x 8 grey digits
-            folder = downscale_folder(folder, base / (folder.name + "_8px"), n)
-            value = judge.fid(folder)
-        row = judge.row(e.row, nfe, folder, value, n, benchmark=e.student.benchmark, steps=steps)
+        row, folder = judge.score(e.row, nfe, folder, value, n, e.student.benchmark, steps=steps)
         rows.append(row)
         folders[row.key] = folder
         if e.teacher is not None:
-            cfg = e.teacher.cfg if e.teacher.cfg is not None else report["teacher"]["cfg_scale"] or 1.0
+            cfg = report["teacher"]["cfg_scale"] or 1.0  # the guidance it was drawn with (classcond: None)
             samplers[row.key] = Sampler(p.teacher if e.student.benchmark == DIGITS else CHECKED_IN, True, cfg)
         elif not e.variant:
             samplers[row.key] = Sampler(p.runs[_key(e.student)])
+    floor = judge.floor(p.data / "heldout")
     for bench in dict.fromkeys(s.benchmark for s in profile.students):
         # digits-t2i's real images are the same digits at 16 px; reduced, they are these exactly
-        rows.append(judge.floor(p.data / "heldout", bench))
+        rows.append(replace(floor, benchmark=bench))
     order = {"t": 0, "s": 1, "r": 2}
     rows.sort(key=lambda r: (r.benchmark != DIGITS, order[r.name[0]], r.name, r.nfe))
     return rows, folders, samplers
@@ -422,7 +421,8 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, trai
     (out / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     grid = comparison_grid(rows, folders, out / "grid.png")
     wall = time.time() - t0
-    checks = check_targets(rows, profile.targets, wall if profile.targets == "demo" else None)
+    # the wall-time target is the whole run's: a rescore has none
+    checks = check_targets(rows, profile.targets, wall if profile.targets == "demo" and not rescore else None)
     print()
     print(table(rows))
     print()

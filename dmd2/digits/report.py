@@ -17,6 +17,7 @@ import numpy as np
 from . import NUM_CLASSES, RESOLUTION
 
 DIGITS, T2I = "digits", "digits-t2i"  # the two benchmarks: class-conditional EDM; SDXL-style text-to-image
+MAIN_STUDENTS = ("student_1step", "student_4step")  # the _first3 / _quarter rows are the same students again
 
 
 @dataclass
@@ -48,35 +49,46 @@ class Judge:
         self.real = folder_features(train_dir, self.extractor, batch_size=500)
         self.labels = classifiers.train_label_classifier(read_class_folders(train_dir))
 
-    def _scores(self, folder: Path, images: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
-        from ..evaluate import folder_features
+    def _row(self, name: str, nfe: int, folder: Path, fid: float | None, images: np.ndarray, labels: np.ndarray,
+             **kw) -> Row:
+        """Precision/recall and, when ``fid`` is None, FID from one pass of features over ``folder``."""
+        from ..evaluate import folder_features, frechet_distance, stats
         from . import classifiers
         from .metrics import precision_recall
 
-        prec, rec = precision_recall(self.real, folder_features(folder, self.extractor, batch_size=500))
-        return prec, rec, float((classifiers.predict_labels(self.labels, images) == labels).mean())
+        feats = folder_features(folder, self.extractor, batch_size=500)
+        if fid is None:
+            fid = frechet_distance(*stats(feats), *stats(self.real))
+        prec, rec = precision_recall(self.real, feats)
+        acc = float((classifiers.predict_labels(self.labels, images) == labels).mean())
+        return Row(name, nfe, fid, prec, rec, acc, None, **kw)
 
-    def fid(self, folder: Path) -> float:
-        from ..evaluate import folder_features, frechet_distance, stats
-
-        return frechet_distance(*stats(folder_features(folder, self.extractor, batch_size=500)), *stats(self.real))
-
-    def row(self, name: str, nfe: int, folder: Path, fid: float, n: int, **kw) -> Row:
+    def row(self, name: str, nfe: int, folder: Path, fid: float | None, n: int, **kw) -> Row:
         """A sampler's row from its ``n`` images ``folder/{i:06d}.png``; image i has class i mod C
-        (digits-t2i: prompt i mod 60, whose digit is i mod 10)."""
+        (digits-t2i: prompt i mod 60, whose digit is i mod 10). ``fid`` None: measured here."""
         from ..generate import load_images
 
         images = load_images(folder, range(n)).numpy()
-        return Row(name, nfe, fid, *self._scores(folder, images, np.arange(n) % NUM_CLASSES), None, **kw)
+        return self._row(name, nfe, folder, fid, images, np.arange(n) % NUM_CLASSES, **kw)
+
+    def score(self, name: str, nfe: int, folder: Path, eval_fid: float, n: int, benchmark: str,
+              **kw) -> tuple[Row, Path]:
+        """The row of images ``dmd2 eval`` kept in ``folder``, and the folder it judged: digits use
+        the eval's FID; digits-t2i's 16 px images are reduced to 8 x 8 grey first (``<folder>_8px``)
+        and FID is taken here, in the same feature space."""
+        if benchmark == T2I:
+            from .t2i import downscale_folder
+
+            folder = downscale_folder(folder, folder.with_name(folder.name + "_8px"), n)
+            eval_fid = None
+        return self.row(name, nfe, folder, eval_fid, n, benchmark=benchmark, **kw), folder
 
     def floor(self, heldout_dir: Path, benchmark: str = DIGITS) -> Row:
         """The real-vs-real floor: held-out digits against the training digits, measured the same way."""
-        from ..evaluate import folder_features, frechet_distance, stats
         from .data import read_class_folders
 
         images, labels = read_class_folders(heldout_dir)
-        fid = frechet_distance(*stats(folder_features(heldout_dir, self.extractor, batch_size=500)), *stats(self.real))
-        return Row("real_heldout", 0, fid, *self._scores(heldout_dir, images, labels), None, benchmark)
+        return self._row("real_heldout", 0, heldout_dir, None, images, labels, benchmark=benchmark)
 
 
 @dataclass(frozen=True)
@@ -100,13 +112,16 @@ def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500) -
 
     torch.set_num_threads(1)
     seeds = list(range(n))
+    teachers = {}  # one load per teacher folder, whatever the rows at other step counts
     for r in rows:
         s = samplers.get(r.key)
         if s is None:
             continue
         conds = check_prompts(n) if r.benchmark == T2I else [i % NUM_CLASSES for i in range(n)]
         if s.teacher:
-            teacher = load_teacher(str(s.path))
+            if s.path not in teachers:
+                teachers[s.path] = load_teacher(str(s.path))
+            teacher = teachers[s.path]
             size = IMAGE_SIZE if r.benchmark == T2I else RESOLUTION
 
             def go(m, r=r, s=s, teacher=teacher, conds=conds, size=size):
@@ -194,7 +209,7 @@ def check_targets(rows: list[Row], which: str, wall_s: float | None = None) -> l
         return checks
     if which == "demo":
         for r in rows:
-            if r.name.startswith("student") and r.name.count("_") == 1:
+            if r.name in MAIN_STUDENTS:
                 teacher = _find(rows, r.benchmark, "teacher" if r.benchmark == DIGITS else "teacher_cfg", r.nfe)
                 le(r, teacher, 0.25)
                 acc(r, 0.9)
