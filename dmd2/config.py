@@ -102,6 +102,16 @@ class ModelConfig(_Section):
     # Checked against the teacher when it is loaded.
     family: Literal["auto", "sd15", "sdxl", "classcond"] = "auto"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    # Warm starts (docs/algorithm.md §10): the generator from a previous run's newest committed
+    # checkpoint (its EMA when it kept one) or any `dmd2 export` of the same UNet, e.g. the
+    # regression stage's run; the fake score and the GAN head (when both runs have one) from a
+    # previous run, e.g. stage 1 of SD1.5. None: copies of the teacher, as in the paper. The
+    # optimizers always start fresh. Read only when the run starts, not when it resumes.
+    generator_init: str | None = Field(None, min_length=1)
+    critic_init: str | None = Field(None, min_length=1)
+    # An AutoencoderTiny (a hub id or folder, e.g. madebyollin/taesdxl) that decodes for the
+    # regression stage's image-space losses; None: the teacher's own VAE.
+    tiny_vae: str | None = Field(None, min_length=1)
 
 
 class GeneratorConfig(_Section):
@@ -239,6 +249,24 @@ class DataConfig(_Section):
     cache: Bool = True
 
 
+class RegressionConfig(_Section):
+    """The regression stage (docs/algorithm.md §10): the generator alone, fitted to the teacher's
+    ODE pairs (`dmd2 ode-pairs`) at its conditioning timestep; no critic, no DMD loss."""
+
+    pairs: str = Field(min_length=1)  # the folder `dmd2 ode-pairs` wrote (manifest.json + shards)
+    # "lpips": LPIPS (VGG) between decodes in [0, 1], as the authors; needs the `lpips` package and
+    # its weights. "mse": in the generator's space (latents). "features": squared distance of a
+    # TorchScript feature network's outputs on the decodes (regression.feature_extractor), offline.
+    loss: Literal["lpips", "mse", "features"] = "lpips"
+    feature_extractor: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _extractor_for_features(self) -> RegressionConfig:
+        if self.loss == "features" and self.feature_extractor is None:
+            raise _rule("feature_extractor", "loss: features needs a TorchScript feature network (a .pt path)", None)
+        return self
+
+
 class WandbConfig(_Section):
     mode: Literal["online", "offline", "disabled"] = "disabled"
     project: str = "dmd2"
@@ -262,6 +290,18 @@ class Recipe(_Section):
     train: TrainConfig
     data: DataConfig = Field(default_factory=DataConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    # Set: this run is the regression stage, not DMD2 (the loss and data.real_images are unused).
+    regression: RegressionConfig | None = None
+
+    @model_validator(mode="after")
+    def _regression_is_one_step(self) -> Recipe:
+        if self.regression is not None:
+            if self.generator.num_steps != 1:
+                raise _rule("regression", "fits a 1-step generator (the pairs map pure noise to an image); "
+                            "set generator.num_steps: 1", "set")
+            if self.model.critic_init is not None:
+                raise _rule("model.critic_init", "the regression stage trains no critic", self.model.critic_init)
+        return self
 
     @model_validator(mode="after")
     def _step_weights_per_step(self) -> Recipe:
@@ -272,7 +312,7 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _needs_real_images(self) -> Recipe:
-        if self.data.real_images is None:
+        if self.data.real_images is None and self.regression is None:
             if self.data.generator_prompts == "captions":
                 raise _rule("data.generator_prompts", "captions come from data.real_images; set it", "captions")
             if self.loss.gan.enabled:
@@ -343,9 +383,11 @@ def _load_yaml(text: str, where: str) -> Any:
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # Paths relative to the recipe's folder when written in the file, to the cwd on the command line.
-_PATH_KEYS = {("data", "prompts"), ("data", "real_images"), ("train", "ds_config"), ("train", "resume_from")}
+_PATH_KEYS = {("data", "prompts"), ("data", "real_images"), ("train", "ds_config"), ("train", "resume_from"),
+              ("model", "generator_init"), ("model", "critic_init"), ("regression", "pairs"),
+              ("regression", "feature_extractor")}
 # Left as written unless they name an existing relative path (they may be hub ids).
-_MAYBE_PATH_KEYS = {("model", "teacher"), ("model", "teacher_config")}
+_MAYBE_PATH_KEYS = {("model", "teacher"), ("model", "teacher_config"), ("model", "tiny_vae")}
 
 
 def parse_overrides(
@@ -489,6 +531,8 @@ def _fill_empty_sections(raw: dict, model: type[BaseModel]) -> None:
         sub = _submodel(field.annotation)
         if sub is None or name not in raw:
             continue
+        if raw[name] is None and field.default is None:
+            continue  # an optional section (regression): null means off
         if raw[name] is None:
             raw[name] = {}
         if isinstance(raw[name], dict):

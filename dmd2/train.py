@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, engines, faults
+from . import checkpoint, engines, faults, warmstart
 from .config import Recipe, recipe_to_yaml
 from .data import build_batches
 from .ema import ShardedEMA
@@ -134,12 +134,25 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     real = batches.real
     timesteps = recipe.generator.resolved_timesteps()
 
+    # Warm starts (docs/algorithm.md §10) are read into the modules before the engines wrap them;
+    # a run that resumes takes everything from its own checkpoint instead.
+    fresh = checkpoint.latest(run_dir) is None and not t.resume_from
+    warm = []
+    gen_init = None
+    if fresh and m.generator_init:
+        with phase("generator_init read"):
+            gen_init = warmstart.generator_weights(m.generator_init)
+        warm.append(gen_init[1])
+
     # Two engines over unchanged modules (docs/architecture.md), behind the step's Trainee interface.
     ready = phase("engines ready")
     generator, critic_module = build_roles(teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
                                            resolution=resolution, seed=t.seed,
                                            gradient_checkpointing=t.gradient_checkpointing,
-                                           gan_layer=recipe.loss.gan.feature_layer)
+                                           gan_layer=recipe.loss.gan.feature_layer, generator_init=gen_init)
+    del gen_init
+    if fresh and m.critic_init:
+        warm.append(warmstart.load_critic(critic_module, m.critic_init))
     bf16 = engines.use_bf16(t.precision)
     ds = {o: engines.ds_config(t.ds_config, batch_size=t.batch_size, grad_clip=getattr(recipe.optim, o).grad_clip,
                                bf16=bf16, zero_stage=t.zero_stage) for o in ("generator", "critic")}
@@ -154,6 +167,9 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     # Resume from the newest committed checkpoint that verifies (or the one asked for).
     ckpt, warnings = checkpoint.resolve_resume(run_dir, t.resume_from, rank, world)
     start = 0
+    if ckpt is None and not fresh and (m.generator_init or m.critic_init):
+        raise UserError(f"{run_dir}: no checkpoint there verifies, and model.generator_init/critic_init are read "
+                        "only when a run starts; move the folder's checkpoints/ away to start over")
     if ckpt is not None:
         checkpoint.load(ckpt, gen_engine, critic_engine)
         if ema is not None:
@@ -172,6 +188,8 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
                     f"(e.g. {real.non_images[0]})")
     if ckpt is not None:
         log.message(f"resumed from {ckpt} at step {start}")
+    for w in warm:
+        log.message(f"warm start: {w}")
     schedule = teacher.schedule
     K = len(timesteps)
     preempt = Preemption()

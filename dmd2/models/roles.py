@@ -93,9 +93,11 @@ def without_dropout(module: nn.Module) -> nn.Module:
 
 
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
-                gradient_checkpointing: bool, gan_layer: str = "mid_block") -> tuple[Denoiser, Critic]:
+                gradient_checkpointing: bool, gan_layer: str = "mid_block",
+                generator_init: tuple[dict, str] | None = None) -> tuple[Denoiser, Critic]:
     """Generator and fake score start as copies of the teacher; the GAN head is random but the
-    same on every rank (seeded), as ZeRO-3 partitions each rank's own copy.
+    same on every rank (seeded), as ZeRO-3 partitions each rank's own copy. ``generator_init``:
+    (full UNet weights, their source) the generator starts from instead (``model.generator_init``).
 
     With ``lora.fake_score`` the fake score is a LoRA adapter on the teacher's own UNet, and the
     teacher is that UNet with its adapters off: one frozen base instead of two UNets, and no
@@ -103,6 +105,10 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
     """
     shared = lora is not None and lora.fake_score
     gen_unet = copy.deepcopy(teacher.unet)
+    if generator_init is not None:
+        from ..warmstart import load_generator
+
+        load_generator(gen_unet, *generator_init)
     fake_unet = teacher.unet if shared else copy.deepcopy(teacher.unet)
     for unet in (gen_unet, fake_unet):
         unet.requires_grad_(True).train()

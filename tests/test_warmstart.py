@@ -1,0 +1,96 @@
+"""Warm starts (`model.generator_init`, `model.critic_init`): the right weights, a fresh run that
+trains from them, and one-line refusals of what does not fit."""
+
+import pytest
+import torch
+from helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory, tiny_teacher):
+    """A 2-step tiny SD1.5 run with the GAN on: the run the warm starts read."""
+    teacher = tiny_teacher("sd15")
+    run = tmp_path_factory.mktemp("warm") / "source"
+    res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", "train.max_steps=2",
+                  f"output_dir={run}", "logging.preview_every=0", "optim.generator.lr=1e-3", "optim.critic.lr=1e-3")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return teacher, run
+
+
+def _inputs(teacher):
+    from dmd2.models import load_teacher
+    from dmd2.models.conditioning import Conditioner
+
+    t = load_teacher(str(teacher))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, t.channels, 4, 4, generator=g)
+    cond = Conditioner(t, 32).encode_prompts(["a red square", "a blue circle"])
+    return t, x, torch.tensor([999, 999]), cond
+
+
+def test_generator_init_starts_where_the_source_run_ended(source_run):
+    """The warm generator's first output is the source run's student output, not the teacher's;
+    the fake score and GAN head are the source run's trained ones."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dmd2 import checkpoint, warmstart
+    from dmd2.models.roles import build_roles
+    from dmd2.models.student import load_student
+
+    teacher_dir, run = source_run
+    teacher, x, t, cond = _inputs(teacher_dir)
+    weights = warmstart.generator_weights(str(run))
+    assert "at step 2" in weights[1]
+    gen, critic = build_roles(teacher, gan=True, resolution=32, seed=0, gradient_checkpointing=False,
+                              generator_init=weights)
+    student = load_student(run)
+    with torch.no_grad():
+        ours, theirs, cold = gen(x, t, cond), student.denoiser(x, t, cond), critic.teacher(x, t, cond)
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(ours, cold)  # the source run moved away from the teacher
+
+    said = warmstart.load_critic(critic, str(run))
+    assert "fake score and GAN head" in said and "step 2" in said
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.latest(run)), tag="critic")
+    params = dict(critic.named_parameters())
+    for name in ("head.net.0.weight" if "head.net.0.weight" in saved else next(k for k in saved if k.startswith("head.")),
+                 next(k for k in saved if k.startswith("fake."))):
+        assert torch.equal(params[name], saved[name])
+    assert any(not torch.equal(params[k], teacher.unet.state_dict()[k.removeprefix("fake.unet.")])
+               for k in saved if k.startswith("fake."))
+
+
+def test_a_warm_run_trains_and_says_where_it_started(tmp_path, source_run):
+    teacher, source = source_run
+    run = tmp_path / "warm"
+    res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", "train.max_steps=1",
+                  f"output_dir={run}", "logging.preview_every=0", f"model.generator_init={source}",
+                  f"model.critic_init={source}")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"warm start: generator from {source} at step 2" in res.stdout
+    assert "warm start: fake score and GAN head from" in res.stdout
+    # resuming it reads its own checkpoint, not the sources (gone now)
+    import shutil
+
+    shutil.rmtree(source / "checkpoints")
+    res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", "train.max_steps=2",
+                  f"output_dir={run}", "logging.preview_every=0", f"model.generator_init={source}",
+                  f"model.critic_init={source}")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "warm start" not in res.stdout
+
+
+def test_another_architecture_is_refused_in_one_line(tmp_path, tiny_teacher):
+    from dmd2 import warmstart
+    from dmd2.errors import UserError
+    from dmd2.models import load_teacher
+
+    sd15, sdxl = load_teacher(str(tiny_teacher("sd15"))), load_teacher(str(tiny_teacher("sdxl")))
+    with pytest.raises(UserError, match=r"^model.generator_init: other: not the teacher's UNet architecture \("):
+        warmstart.load_generator(sd15.unet, sdxl.unet.state_dict(), "other")
+    # through the CLI: a folder that is neither a run nor an export, exit 2, one line
+    res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={tiny_teacher('sd15')}", "train.max_steps=1",
+                  f"output_dir={tmp_path / 'run'}", f"model.generator_init={tiny_teacher('sdxl')}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().count("\n") == 0 and "model.generator_init:" in res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
