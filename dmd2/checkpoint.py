@@ -78,6 +78,8 @@ def _rank_files(ckpt: Path, rank: int) -> list[Path]:
     """Files rank ``rank`` wrote: its own ZeRO partitions (rank 0 also the shared ones)."""
     mine = []
     for tag in TAGS:
+        if not (ckpt / tag).is_dir():  # critic/: absent from a regression-stage run's checkpoints
+            continue
         for f in sorted((ckpt / tag).iterdir()):
             if f"zero_pp_rank_{rank}_" in f.name or (rank == 0 and "zero_pp_rank_" not in f.name):
                 mine.append(f)
@@ -194,8 +196,9 @@ def _save(run_dir: Path, ckpt: Path, step: int, gen_engine, critic_engine, state
     dist.barrier()
     gen_engine.save_checkpoint(str(ckpt), tag="generator", save_latest=False)
     faults.point("save_after_generator", step)
-    critic_engine.save_checkpoint(str(ckpt), tag="critic", save_latest=False, exclude_frozen_parameters=True)
-    faults.point("save_after_critic", step)
+    if critic_engine is not None:  # None: the regression stage trains the generator alone
+        critic_engine.save_checkpoint(str(ckpt), tag="critic", save_latest=False, exclude_frozen_parameters=True)
+        faults.point("save_after_critic", step)
     if ema is not None:
         ema.save(ckpt / "generator", rank)
     dist.barrier()  # every rank's shards are on disk before anyone lists or hashes them
@@ -218,6 +221,8 @@ def load(ckpt: Path, gen_engine, critic_engine) -> None:
     (DeepSpeed falls back to the tag in `latest`, and only warns when it is missing)."""
     critic_tag = "critic" if (ckpt / "critic").is_dir() else "guidance"  # the engine's name before 0.2
     for engine, tag in ((gen_engine, "generator"), (critic_engine, critic_tag)):
+        if engine is None:  # the regression stage: no critic
+            continue
         path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False)
         if path is None or Path(path).parent.name != tag or Path(path).parent.parent.resolve() != ckpt.resolve():
             raise CheckpointError(f"{ckpt / tag}: DeepSpeed loaded {path!r} instead")

@@ -91,6 +91,42 @@ def train(
         raise typer.Exit(1) from None
 
 
+@app.command("ode-pairs", context_settings={"allow_extra_args": False})
+def ode_pairs(
+    recipe: Path = typer.Argument(..., help="The recipe whose teacher, loss.cfg_scale, data.prompts and train.seed "
+                                  "draw the pairs (e.g. recipes/sdxl_1step_regression.yaml)."),
+    overrides: list[str] = typer.Argument(None, help="key.path=value overrides (e.g. model.teacher=PATH)."),
+    num_pairs: int = typer.Option(..., "--num-pairs", min=1, help="Pairs to draw (the authors: 10k for SDXL)."),
+    out: Path = typer.Option(..., "--out", help="Folder for manifest.json and the shards; re-run the same command "
+                             "to finish a killed run (finished shards are verified and kept)."),
+    steps: int = typer.Option(50, "--steps", min=1, help="Teacher ODE steps per pair (DDIM / Euler, x2 calls with CFG)."),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Pairs per safetensors shard."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Pairs per teacher forward (per rank)."),
+    local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
+) -> None:
+    """Draw noise -> image pairs with the teacher's deterministic sampler, for the regression stage.
+
+    Pair i is the same whatever the number of ranks; under the launcher
+    (deepspeed --num_gpus N --module dmd2 ode-pairs ...) each rank draws its shards.
+    """
+    from .config import RecipeError, load_recipe
+
+    try:
+        cfg = load_recipe(recipe, overrides or [])
+    except RecipeError as e:
+        _fail(str(e))
+    _folder_option(out, "--out")
+    from .errors import UserError
+
+    try:
+        _quiet_loaders()
+        from .pairs import draw_pairs
+
+        draw_pairs(cfg, out, num_pairs=num_pairs, steps=steps, shard_size=shard_size, batch_size=batch_size)
+    except UserError as e:
+        _fail(str(e))
+
+
 @app.command("make-tiny-teacher")
 def make_tiny_teacher(
     family: str = typer.Argument(..., help="sd15, sdxl, classcond, classcond-v or classcond-edm."),

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 # Losses of the generator phase (distill.generator_loss); every other loss is the critic's.
-GENERATOR_LOSSES = ("loss_dm", "loss_gan_g", "loss_generator")
+GENERATOR_LOSSES = ("loss_dm", "loss_gan_g", "loss_generator", "loss_regression")
 
 _quiet = False
 
@@ -154,7 +154,8 @@ class RunLogger:
             done = step - self.start_step
             eta = (time.time() - self.t0) / max(done, 1) * (self.max_steps - step)
             critic = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "loss" in k and k not in GENERATOR_LOSSES)
-            print(f"step {step}/{self.max_steps} | critic {critic} | {self._generator_losses()} | "
+            critic = f"critic {critic} | " if critic else ""  # the regression stage has none
+            print(f"step {step}/{self.max_steps} | {critic}{self._generator_losses()} | "
                   f"gen updates {self.gen_updates} | {images_per_s:.2f} img/s | eta {eta:.0f}s", flush=True)
             self.gen_window = []
 

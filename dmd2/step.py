@@ -171,3 +171,11 @@ def train_step(gen: Trainee, critic: Trainee, batch: Batch, *, k: int, timesteps
         x = sample(gen.module, schedule, batch.cond, shape, timesteps[k + 1:], Noise(rng, device), start=x.detach())
     logs_c, critic_applied = critic_step(critic, x, batch, loss_cfg, rng)
     return {**logs, **logs_c}, applied and critic_applied
+
+
+def regression_step(gen: Trainee, x_t, t, cond, target, loss_fn):
+    """The regression stage's update (docs/algorithm.md §10): the generator's x0 for the pairs' noise
+    pulled towards the teacher's; returns its losses and whether the update was applied."""
+    loss, logs = loss_fn(gen(x_t, t, cond), target)
+    logs["loss_regression"] = gen.backward(loss).detach()
+    return logs, gen.step()

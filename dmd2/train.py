@@ -20,7 +20,7 @@ from .models import load_teacher, vae
 from .models.roles import build_roles
 from .runlock import RunLock
 from .sampling import Noise, sample
-from .step import to_floats, train_step
+from .step import regression_step, to_floats, train_step
 
 # Recipe fields that may change when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.checkpoint_every", "train.keep_last", "train.resume_from",
@@ -128,11 +128,20 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     with phase(f"teacher loaded: {m.teacher}"):
         teacher = load_teacher(m.teacher, m.family, m.teacher_config)
     resolution = teacher.training_resolution(t.resolution)
-    teacher.check_cfg(recipe.loss.cfg_scale)
-    batches = build_batches(recipe.data, teacher, resolution=resolution, batch_size=t.batch_size, seed=t.seed,
-                            cfg_scale=recipe.loss.cfg_scale, rank=rank, world=world, device=device)
-    real = batches.real
     timesteps = recipe.generator.resolved_timesteps()
+    reg = recipe.regression  # the regression stage (docs/algorithm.md §10): the generator alone, on ODE pairs
+    if reg is not None:
+        from .regression import RegressionBatches, RegressionLoss
+
+        batches = RegressionBatches(reg.pairs, teacher, resolution=resolution, batch_size=t.batch_size,
+                                    timestep=timesteps[0], seed=t.seed, rank=rank, world=world, device=device)
+        regression_loss = RegressionLoss(reg, teacher, m.tiny_vae, device)
+        real = None
+    else:
+        teacher.check_cfg(recipe.loss.cfg_scale)
+        batches = build_batches(recipe.data, teacher, resolution=resolution, batch_size=t.batch_size, seed=t.seed,
+                                cfg_scale=recipe.loss.cfg_scale, rank=rank, world=world, device=device)
+        real = batches.real
 
     # Warm starts (docs/algorithm.md §10) are read into the modules before the engines wrap them;
     # a run that resumes takes everything from its own checkpoint instead.
@@ -149,19 +158,23 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     generator, critic_module = build_roles(teacher, lora=recipe.model.lora, gan=recipe.loss.gan.enabled,
                                            resolution=resolution, seed=t.seed,
                                            gradient_checkpointing=t.gradient_checkpointing,
-                                           gan_layer=recipe.loss.gan.feature_layer, generator_init=gen_init)
+                                           gan_layer=recipe.loss.gan.feature_layer, generator_init=gen_init,
+                                           critic=reg is None)
     del gen_init
     if fresh and m.critic_init:
         warm.append(warmstart.load_critic(critic_module, m.critic_init))
     bf16 = engines.use_bf16(t.precision)
     ds = {o: engines.ds_config(t.ds_config, batch_size=t.batch_size, grad_clip=getattr(recipe.optim, o).grad_clip,
                                bf16=bf16, zero_stage=t.zero_stage) for o in ("generator", "critic")}
-    gen_updates = -(-t.max_steps // t.update_ratio)  # the generator steps when step % update_ratio == 0
+    # the generator steps when step % update_ratio == 0 (every step in the regression stage)
+    gen_updates = t.max_steps if reg is not None else -(-t.max_steps // t.update_ratio)
     gen_engine = engines.build_engine(generator, recipe.optim.generator, ds["generator"], gen_updates)
-    critic_engine = engines.build_engine(critic_module, recipe.optim.critic, ds["critic"], t.max_steps)
+    critic_engine = critic = None
+    if critic_module is not None:
+        critic_engine = engines.build_engine(critic_module, recipe.optim.critic, ds["critic"], t.max_steps)
+        critic = faults.wrap(engines.EngineTrainee(critic_engine), "loss_critic")
     ema = ShardedEMA(gen_engine, t.ema_decay) if t.ema_decay > 0 else None
     gen = faults.wrap(engines.EngineTrainee(gen_engine, ema), "loss_generator", "grad_generator")
-    critic = faults.wrap(engines.EngineTrainee(critic_engine), "loss_critic")
     ready.done()
 
     # Resume from the newest committed checkpoint that verifies (or the one asked for).
@@ -210,20 +223,25 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         rng = torch.Generator(device).manual_seed(seed_for(t.seed, rank, step))
         torch.manual_seed(seed_for(t.seed, rank, step, 1))
         k = int(np.random.default_rng([t.seed, step]).integers(K)) if K > 1 else 0
-        batch = batches(step, rng)
-        faults.point("step_begin")
-
-        # One iteration (dmd2/step.py): the generator's update every update_ratio steps, the critic's every step.
-        metrics, applied = train_step(gen, critic, batch, k=k, timesteps=timesteps, shape=batches.shape,
-                                      loss_cfg=recipe.loss, backward_simulation=recipe.generator.backward_simulation,
-                                      generator_turn=step % t.update_ratio == 0, rng=rng, device=device)
+        if reg is not None:
+            pairs = batches(step)
+            faults.point("step_begin")
+            metrics, applied = regression_step(gen, *pairs, regression_loss)
+        else:
+            batch = batches(step, rng)
+            faults.point("step_begin")
+            # One iteration (dmd2/step.py): the generator's update every update_ratio steps, the critic's every step.
+            metrics, applied = train_step(gen, critic, batch, k=k, timesteps=timesteps, shape=batches.shape,
+                                          loss_cfg=recipe.loss, backward_simulation=recipe.generator.backward_simulation,
+                                          generator_turn=step % t.update_ratio == 0, rng=rng, device=device)
         metrics = {"k": k, **to_floats(metrics)}
         faults.point("step_end")
 
         dt = time.perf_counter() - tic
         step_times.append(dt)
         metrics["lr_generator"] = gen.lr()
-        metrics["lr_critic"] = critic.lr()
+        if critic is not None:
+            metrics["lr_critic"] = critic.lr()
         metrics["step_time_s"] = dt
         metrics["skipped"] = int(not applied)
         log.log(done, metrics, images_per_s=t.batch_size * world / dt)
@@ -242,7 +260,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
             n = recipe.logging.preview_images
             images = sample(gen.module, schedule, batches.preview_cond(n), (n, *batches.shape[1:]), timesteps,
                             Noise.per_sample(range(n), device))
-            text = batches.conditioner.text
+            text = teacher.family != "classcond"
             groups = len(batches.prompts) if batches.prompts is not None else n if text else teacher.num_classes
             log.preview(done, vae.decode(teacher.vae, images), **condition_layout(groups, text, n))
 

@@ -30,6 +30,19 @@ class TeacherView(Denoiser):
             return super().features(x_t, t, cond, layer)
 
 
+@torch.no_grad()
+def guided_x0(teacher: Denoiser, x_t, t, cond, uncond, cfg_scale: float) -> torch.Tensor:
+    """Teacher x0 with classifier-free guidance in the standard form (§4 step 4); cond and uncond
+    run as one batch so ZeRO-3 gathers the teacher once. Also the teacher of ``dmd2 ode-pairs``."""
+    if uncond is None or cfg_scale == 1.0:
+        return teacher(x_t, t, cond)
+    from ..losses import cfg
+
+    out = teacher.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond, uncond))
+    out_c, out_u = out.chunk(2)
+    return teacher.schedule.to_x0(x_t.float(), cfg(out_c, out_u, cfg_scale), t)
+
+
 class Critic(nn.Module):
     """The critic: frozen teacher (the real score) + trainable fake score + GAN head, one DeepSpeed
     engine (the recipe's ``optim.critic``). Only the fake score and the head train.
@@ -52,17 +65,8 @@ class Critic(nn.Module):
     def forward(self, fn, *args, **kwargs):
         return fn(self, *args, **kwargs)
 
-    @torch.no_grad()
     def teacher_x0(self, x_t, t, cond, uncond, cfg_scale: float) -> torch.Tensor:
-        """Teacher x0 with classifier-free guidance in the standard form (§4 step 4); cond and
-        uncond run as one batch so ZeRO-3 gathers the teacher once."""
-        if uncond is None or cfg_scale == 1.0:
-            return self.teacher(x_t, t, cond)
-        from ..losses import cfg
-
-        out = self.teacher.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond, uncond))
-        out_c, out_u = out.chunk(2)
-        return self.teacher.schedule.to_x0(x_t.float(), cfg(out_c, out_u, cfg_scale), t)
+        return guided_x0(self.teacher, x_t, t, cond, uncond, cfg_scale)
 
     def logits(self, x_t, t, cond) -> torch.Tensor:
         """GAN logits: the head on the fake score's mid-block (or encoder end) at (x_t, t, cond) (§6)."""
@@ -94,10 +98,12 @@ def without_dropout(module: nn.Module) -> nn.Module:
 
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
                 gradient_checkpointing: bool, gan_layer: str = "mid_block",
-                generator_init: tuple[dict, str] | None = None) -> tuple[Denoiser, Critic]:
+                generator_init: tuple[dict, str] | None = None,
+                critic: bool = True) -> tuple[Denoiser, Critic | None]:
     """Generator and fake score start as copies of the teacher; the GAN head is random but the
     same on every rank (seeded), as ZeRO-3 partitions each rank's own copy. ``generator_init``:
     (full UNet weights, their source) the generator starts from instead (``model.generator_init``).
+    ``critic=False`` (the regression stage): the generator only, and None.
 
     With ``lora.fake_score`` the fake score is a LoRA adapter on the teacher's own UNet, and the
     teacher is that UNet with its adapters off: one frozen base instead of two UNets, and no
@@ -109,8 +115,8 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
         from ..warmstart import load_generator
 
         load_generator(gen_unet, *generator_init)
-    fake_unet = teacher.unet if shared else copy.deepcopy(teacher.unet)
-    for unet in (gen_unet, fake_unet):
+    fake_unet = None if not critic else teacher.unet if shared else copy.deepcopy(teacher.unet)
+    for unet in (gen_unet, fake_unet) if critic else (gen_unet,):
         unet.requires_grad_(True).train()
         without_dropout(unet)
         if gradient_checkpointing:
@@ -120,8 +126,10 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
 
         if lora.enabled:
             add_lora(gen_unet, lora)
-        if shared:
+        if shared and critic:
             add_lora(fake_unet, lora, adapter_name="fake")
+    if not critic:
+        return Denoiser(gen_unet, teacher.schedule), None
     head = None
     if gan:
         with torch.random.fork_rng(devices=[]):

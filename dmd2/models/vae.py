@@ -19,9 +19,15 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
     return ((lat - _shift(vae)) * vae.config.scaling_factor).float()
 
 
-@torch.no_grad()
-def decode(vae, x: torch.Tensor) -> torch.Tensor:
-    """The generator's space -> images in [-1, 1] (float32)."""
+def decode_differentiable(vae, x: torch.Tensor) -> torch.Tensor:
+    """The generator's space -> images in [-1, 1] (float32), with gradient to ``x`` (the regression
+    stage's image-space losses)."""
     if vae is None:
         return x.float()
     return vae.decode((x / vae.config.scaling_factor + _shift(vae)).to(vae.dtype)).sample.float()
+
+
+@torch.no_grad()
+def decode(vae, x: torch.Tensor) -> torch.Tensor:
+    """The generator's space -> images in [-1, 1] (float32)."""
+    return decode_differentiable(vae, x)
