@@ -111,8 +111,11 @@ def convert_edm(
     out: Path = typer.Argument(..., help="A new (or empty) folder for the teacher: unet/, scheduler/, edm_source.json."),
     key: str = typer.Option("ema", "--key", help="The pickle's entry that holds the network."),
 ) -> None:
-    """Convert an EDM class-conditional network (EDMPrecond + DhariwalUNet, ADM) into a teacher folder
-    for model.teacher, without EDM's code and without running the code the pickle embeds."""
+    """Convert an EDM network pickle (EDMPrecond + DhariwalUNet, ADM) into a class-conditional teacher folder.
+
+    Neither EDM's code nor the code the pickle embeds is run. Then train with model.teacher=OUT, e.g.
+    dmd2 train recipes/imagenet64_1step.yaml model.teacher=OUT
+    """
     if not pkl.is_file():
         _fail(f"{pkl}: no such file (expected an EDM network pickle, e.g. edm-imagenet-64x64-cond-adm.pkl)")
     _folder_option(out, "OUT")
