@@ -141,6 +141,34 @@ def make_tiny_teacher(
     typer.echo(str(tiny.make_tiny_teacher(family, out, seed=seed)))
 
 
+@app.command("convert-edm")
+def convert_edm(
+    pkl: Path = typer.Argument(..., help="An NVlabs EDM network pickle, e.g. edm-imagenet-64x64-cond-adm.pkl."),
+    out: Path = typer.Argument(..., help="A new (or empty) folder for the teacher: unet/, scheduler/, edm_source.json."),
+    key: str = typer.Option("ema", "--key", help="The pickle's entry that holds the network."),
+) -> None:
+    """Convert an EDM network pickle (EDMPrecond + DhariwalUNet, ADM) into a class-conditional teacher folder.
+
+    Neither EDM's code nor the code the pickle embeds is run. Then train with model.teacher=OUT, e.g.
+    dmd2 train recipes/imagenet64_1step.yaml model.teacher=OUT
+    """
+    if not pkl.is_file():
+        _fail(f"{pkl}: no such file (expected an EDM network pickle, e.g. edm-imagenet-64x64-cond-adm.pkl)")
+    _folder_option(out, "OUT")
+    if out.is_dir() and any(out.iterdir()):  # before torch loads; convert_edm checks again
+        _fail(f"{out}: exists and is not empty; choose a new folder for the teacher")
+    from .errors import UserError
+
+    try:
+        _quiet_loaders()
+        from .convert_edm import convert_edm as run_convert
+
+        summary = run_convert(pkl, out, key=key)
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(summary)
+
+
 def _quiet_loaders() -> None:
     """diffusers/transformers progress bars and advice would bury the command's own output."""
     from diffusers.utils import logging as diffusers_logging
