@@ -271,3 +271,11 @@ def consolidated_generator(ckpt: Path, ema: bool = False) -> dict:
     else:
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="generator")
     return {k.removeprefix("unet."): v for k, v in sd.items()}
+
+
+def consolidated_critic(ckpt: Path) -> dict:
+    """The critic's trainable weights (fake score, GAN head; the frozen teacher is never saved),
+    full fp32, keys as in ``models.roles.Critic``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="critic")

@@ -1,8 +1,8 @@
 """Warm starts (docs/algorithm.md §10): the generator's weights from a previous run or an export
 (``model.generator_init``), the fake score and GAN head from a previous run (``model.critic_init``).
 
-Both are read into the plain modules before the engines wrap them, so ZeRO partitions the loaded
-weights and the optimizers start fresh.
+Both are read into the plain modules before the engines wrap them (the generator's by
+``models.roles.build_roles``), so ZeRO partitions the loaded weights and the optimizers start fresh.
 """
 
 from __future__ import annotations
@@ -30,25 +30,9 @@ def generator_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
     return weights, f"generator from {source}{at}"
 
 
-def load_generator(unet: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Into the generator's UNet (before LoRA is attached); a different architecture is one line."""
-    ours = unet.state_dict()
-    missing = sorted(set(ours) - set(weights))
-    extra = sorted(set(weights) - set(ours))
-    shape = [k for k in ours if k in weights and ours[k].shape != weights[k].shape]
-    if missing or extra or shape:
-        what = (f"{len(missing)} of the teacher's weights missing (e.g. {missing[0]})" if missing
-                else f"{len(extra)} weights the teacher's UNet lacks (e.g. {extra[0]})" if extra
-                else f"{shape[0]} is {tuple(weights[shape[0]].shape)}, the teacher's {tuple(ours[shape[0]].shape)}")
-        raise UserError(f"model.generator_init: {source}: not the teacher's UNet architecture ({what})")
-    unet.load_state_dict(weights, strict=True)
-
-
 def load_critic(critic, source: str) -> str:
     """The fake score (and the GAN head, when both runs have one) from ``source``'s newest committed
     checkpoint; returns a description for the log. The frozen teacher is never saved or loaded."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from .models.student import quiet
 
     run = Path(source)
@@ -61,7 +45,7 @@ def load_critic(critic, source: str) -> str:
     if not (ckpt / "critic").is_dir():
         raise UserError(f"model.critic_init: {ckpt}: holds no critic (a regression-stage run?)")
     with quiet():
-        saved = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="critic")
+        saved = checkpoint.consolidated_critic(ckpt)
     trainable = {n: p for n, p in critic.named_parameters() if p.requires_grad}
     fake = {n: p for n, p in trainable.items() if not n.startswith("head.")}
     head = {n: p for n, p in trainable.items() if n.startswith("head.")}

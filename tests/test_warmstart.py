@@ -81,13 +81,13 @@ def test_a_warm_run_trains_and_says_where_it_started(tmp_path, source_run):
 
 
 def test_another_architecture_is_refused_in_one_line(tmp_path, tiny_teacher):
-    from dmd2 import warmstart
     from dmd2.errors import UserError
     from dmd2.models import load_teacher
+    from dmd2.models.roles import load_generator
 
     sd15, sdxl = load_teacher(str(tiny_teacher("sd15"))), load_teacher(str(tiny_teacher("sdxl")))
     with pytest.raises(UserError, match=r"^model.generator_init: other: not the teacher's UNet architecture \("):
-        warmstart.load_generator(sd15.unet, sdxl.unet.state_dict(), "other")
+        load_generator(sd15.unet, sdxl.unet.state_dict(), "other")
     # through the CLI: a folder that is neither a run nor an export, exit 2, one line
     res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={tiny_teacher('sd15')}", "train.max_steps=1",
                   f"output_dir={tmp_path / 'run'}", f"model.generator_init={tiny_teacher('sdxl')}")

@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .conditioning import cat_cond
 from .denoiser import Denoiser
 from .gan_head import GANHead
@@ -96,6 +97,20 @@ def without_dropout(module: nn.Module) -> nn.Module:
     return module
 
 
+def load_generator(unet: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Into the generator's UNet (before LoRA is attached); a different architecture is one line."""
+    ours = unet.state_dict()
+    missing = sorted(set(ours) - set(weights))
+    extra = sorted(set(weights) - set(ours))
+    shape = [k for k in ours if k in weights and ours[k].shape != weights[k].shape]
+    if missing or extra or shape:
+        what = (f"{len(missing)} of the teacher's weights missing (e.g. {missing[0]})" if missing
+                else f"{len(extra)} weights the teacher's UNet lacks (e.g. {extra[0]})" if extra
+                else f"{shape[0]} is {tuple(weights[shape[0]].shape)}, the teacher's {tuple(ours[shape[0]].shape)}")
+        raise UserError(f"model.generator_init: {source}: not the teacher's UNet architecture ({what})")
+    unet.load_state_dict(weights, strict=True)
+
+
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
                 gradient_checkpointing: bool, gan_layer: str = "mid_block",
                 generator_init: tuple[dict, str] | None = None,
@@ -112,8 +127,6 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
     shared = lora is not None and lora.fake_score
     gen_unet = copy.deepcopy(teacher.unet)
     if generator_init is not None:
-        from ..warmstart import load_generator
-
         load_generator(gen_unet, *generator_init)
     fake_unet = None if not critic else teacher.unet if shared else copy.deepcopy(teacher.unet)
     for unet in (gen_unet, fake_unet) if critic else (gen_unet,):
