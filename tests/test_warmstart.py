@@ -94,3 +94,19 @@ def test_another_architecture_is_refused_in_one_line(tmp_path, tiny_teacher):
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().count("\n") == 0 and "model.generator_init:" in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sd15_two_stages_stage_two_adds_the_gan(tmp_path, tiny_teacher):
+    """The authors' SD1.5 procedure in small: stage 1 without the GAN, stage 2 from its generator and
+    fake score with the GAN on (a new head) and a lower LR: what recipes/sd15_1step_stage2.yaml does."""
+    teacher = tiny_teacher("sd15")
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", "train.max_steps=2",
+                  f"output_dir={stage1}", "loss.gan.enabled=false", "data.real_images=null", "logging.preview_every=0")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", "train.max_steps=2",
+                  f"output_dir={stage2}", f"model.generator_init={stage1}", f"model.critic_init={stage1}",
+                  "optim.generator.lr=5e-7", "optim.critic.lr=5e-7", "logging.preview_every=0")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "warm start: fake score (GAN head fresh: the source had none)" in res.stdout
+    assert "loss_gan_d" in (stage2 / "metrics.jsonl").read_text()
