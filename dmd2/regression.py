@@ -24,8 +24,8 @@ from .models.conditioning import cond_to
 from .pairs import Pairs
 from .sampling import timestep_batch
 
-LPIPS_INSTEAD = ("regression.loss: lpips needs the `lpips` package (pip install lpips) and torchvision's VGG16 "
-                 "weights, which it downloads once; offline, use regression.loss: features with "
+LPIPS_INSTEAD = ("regression.loss: lpips needs the `lpips` package (pip install 'dmd2[lpips]') and torchvision's "
+                 "VGG16 weights, which it downloads once; offline, use regression.loss: features with "
                  "regression.feature_extractor PATH.pt, or mse")
 
 

@@ -145,7 +145,7 @@ def test_regression_input_errors_are_one_line(tmp_path, pairs):
     try:
         import lpips  # noqa: F401
     except ImportError:
-        cases.append(((f"regression.pairs={folder}", "regression.loss=lpips"), "pip install lpips"))
+        cases.append(((f"regression.pairs={folder}", "regression.loss=lpips"), "dmd2[lpips]"))
     for extra, expected in cases:
         res = run_cli("train", *base, *extra, f"output_dir={tmp_path / 'run'}")
         assert res.returncode == 2, (extra, res.stderr[-2000:])
