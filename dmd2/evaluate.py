@@ -517,7 +517,6 @@ def evaluate_all(run: str | Path, *, watch: bool = False, poll_s: float = 60.0, 
     if kwargs.get("out") is not None:
         raise UserError("--all-checkpoints writes its reports to RUN/eval/; drop --out")
     folder = run / EVAL_DIR
-    folder.mkdir(exist_ok=True)
     if kwargs.get("images_dir") is None:
         kwargs["images_dir"] = folder / "images"
     while True:
@@ -536,6 +535,7 @@ def evaluate_all(run: str | Path, *, watch: bool = False, poll_s: float = 60.0, 
                     raise
                 echo(REMOVED.format(step=step))
                 continue
+            folder.mkdir(exist_ok=True)
             atomic_write(folder / f"step_{step:08d}.json", json.dumps(report, indent=1))
             row = {"step": step, **{m["name"]: m["value"] for m in report["metrics"]}}
             _append_row(folder / "eval.jsonl", row)
