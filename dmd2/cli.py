@@ -266,10 +266,33 @@ def eval_(
     teacher_steps: int = typer.Option(25, "--teacher-steps", min=1, help="Teacher sampling steps (with --teacher)."),
     teacher_cfg: float = typer.Option(None, "--teacher-cfg", help="Teacher CFG scale (default: the recipe's loss.cfg_scale)."),
     out: Path = typer.Option(None, "--out", help="Write the JSON report here (and to the run's wandb, if it logs there)."),
+    all_checkpoints: bool = typer.Option(False, "--all-checkpoints", help="SOURCE is a run folder: score each of its "
+                                         "committed checkpoints once, oldest first -> SOURCE/eval/step_XXXXXXXX.json, "
+                                         "a row each in SOURCE/eval/eval.jsonl, the run's wandb against the step; "
+                                         "checkpoints already scored are skipped (a re-run resumes). Prints the best."),
+    watch: bool = typer.Option(False, "--watch", help="With --all-checkpoints: keep polling for new checkpoints while "
+                               "training runs (e.g. on other GPUs) until the one of train.max_steps is scored."),
+    poll_s: float = typer.Option(60.0, "--poll-s", min=0.0, help="Seconds between polls with --watch."),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
-    """Measure a generator (and optionally its teacher): FID, patch FID, CLIP score -> a JSON report."""
+    """Measure a generator (and optionally its teacher): FID, patch FID, CLIP score -> a JSON report.
+
+    With --all-checkpoints, every checkpoint of a run (train.keep_last decides which are kept).
+    """
+    if watch and not all_checkpoints:
+        _fail("--watch polls for new checkpoints of a run: pass it with --all-checkpoints")
+    if all_checkpoints:
+        from .models.student import is_export
+
+        if is_export(source) or not (source / "recipe.yaml").is_file():
+            _fail(f"{source}: --all-checkpoints needs a run folder (recipe.yaml + checkpoints/), not an export "
+                  "or another folder")
+        if out is not None:
+            _fail("--all-checkpoints writes its reports to SOURCE/eval/step_XXXXXXXX.json; drop --out")
+        if teacher:
+            _fail("--all-checkpoints scores the generator's checkpoints; score the teacher once with "
+                  "dmd2 eval SOURCE --teacher")
     if ref_dir is not None and ref_stats is not None:
         _fail("pass --ref-dir or --ref-stats, not both")
     if ref_dir is not None and not ref_dir.is_dir():
@@ -288,15 +311,28 @@ def eval_(
     set_quiet(quiet)
     try:
         _quiet_loaders()
-        from .evaluate import evaluate
+        from .evaluate import best_row, evaluate, evaluate_all
 
-        report = evaluate(source, fid=fid, clip=clip, prompts_file=prompts_file, num_images=num_images, seed=seed,
-                          batch_size=batch_size, steps=steps, timesteps=ts, ref=ref_dir or ref_stats, eval_res=eval_res,
-                          patch_fid=patch_fid, feature_extractor=feature_extractor, clip_model=clip_model,
-                          stats_cache=stats_cache, images_dir=images_dir,
-                          teacher_steps=teacher_steps if teacher else None, teacher_cfg=teacher_cfg, out=out)
+        kwargs = dict(fid=fid, clip=clip, prompts_file=prompts_file, num_images=num_images, seed=seed,
+                      batch_size=batch_size, steps=steps, timesteps=ts, ref=ref_dir or ref_stats, eval_res=eval_res,
+                      patch_fid=patch_fid, feature_extractor=feature_extractor, clip_model=clip_model,
+                      stats_cache=stats_cache, images_dir=images_dir)
+        if all_checkpoints:
+            rows = evaluate_all(source, watch=watch, poll_s=poll_s, echo=typer.echo, **kwargs)
+        else:
+            report = evaluate(source, **kwargs, teacher_steps=teacher_steps if teacher else None,
+                              teacher_cfg=teacher_cfg, out=out)
     except UserError as e:
         _fail(str(e))
+    if all_checkpoints:
+        best = best_row(rows)
+        if best is None:
+            _fail(f"{source}: no committed checkpoint to score in {source / 'checkpoints'} (train it first)")
+        name, row = best
+        step = row["step"]
+        typer.echo(f"best of {len(rows)} checkpoints by {name}: step {step}, {name} {row[name]:.6g} "
+                   f"({source / 'eval' / f'step_{step:08d}.json'})")
+        return
     for m in report["metrics"]:
         typer.echo(f"{m['name']}: {m['value']:.6g}")
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .files import cache_root, sha256_file
+from .files import atomic_write, cache_root, sha256_file
 from .generate import (
     barrier,
     choose_timesteps,
@@ -290,12 +290,14 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
              patch_fid: bool = False, feature_extractor: str | None = None, clip_model: str | None = None,
              stats_cache: str | None = None, images_dir: str | Path | None = None, teacher_steps: int | None = None,
              teacher_cfg: float | None = None, out: str | Path | None = None, device=None,
-             extra_metrics: dict[str, Callable[[torch.Tensor, list], float]] | None = None) -> dict:
+             extra_metrics: dict[str, Callable[[torch.Tensor, list], float]] | None = None,
+             ckpt: str | Path | None = None) -> dict:
     """Generate ``num_images`` images (image i: seed + i, prompt i of the file or class i mod C), score
     them, and do the same for the teacher if ``teacher_steps``; returns (and writes) the report.
 
     ``feature_extractor``: a TorchScript path, or a loaded ``FeatureExtractor``. ``extra_metrics``:
     name -> fn(images N x H x W x 3 uint8, conditions) -> float, scored beside FID and CLIP.
+    ``ckpt``: score this committed checkpoint folder of the run ``source`` instead of its newest.
     """
     import tempfile
 
@@ -338,7 +340,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     device = device or default_device()
     prompts = load_prompts(prompts_file, "--prompts-file") if prompts_file else ()
 
-    gen = load_student(source, device)
+    gen = load_student(source, device, ckpt=ckpt)
     if clip and not gen.cond.text:
         raise UserError("--clip: CLIP score needs a text-to-image model")
     ts = choose_timesteps(gen.timesteps, steps, timesteps)
@@ -392,6 +394,8 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
                            "feature_extractor": {"name": extractor.name, "sha256": extractor.ident} if extractor else None,
                            "clip_model": clip_model if clip else None,
                            **{name: p.describe() | {"eval_res": p.eval_res} for name, p in protocols.items()}}}
+    if ckpt is not None:
+        report["checkpoint"] = str(Path(ckpt).resolve())
 
     if teacher_steps is not None:
         recipe, resolution = gen.recipe, gen.resolution
@@ -413,13 +417,15 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     report["seconds"] = round(time.time() - t0, 3)
     if rank == 0 and out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1))
+        atomic_write(Path(out), json.dumps(report, indent=1))
         _log_wandb(Path(source), report)
     return report
 
 
-def _log_wandb(run_dir: Path, report: dict) -> None:
-    """Add the metrics to the run's wandb run (same id as training) when the run logs to wandb."""
+def _log_wandb(run_dir: Path, report: dict, step_axis: bool = False) -> None:
+    """Add the metrics to the run's wandb run (same id as training) when the run logs to wandb;
+    ``step_axis``: plot them against ``eval/step`` (the checkpoint's training step), not wandb's own
+    step counter, which training has already moved past."""
     from .config import RecipeError, load_recipe
 
     id_file = run_dir / "wandb_id.txt"
@@ -437,8 +443,112 @@ def _log_wandb(run_dir: Path, report: dict) -> None:
         run = wandb.init(project=cfg.project, name=cfg.name, entity=cfg.entity, mode=cfg.mode, dir=str(run_dir),
                          id=id_file.read_text().strip(), resume="allow")
         values = {f"eval/{m['name']}": m["value"] for m in report["metrics"]}
+        if step_axis:
+            run.define_metric("eval/step")
+            run.define_metric("eval/*", step_metric="eval/step")
         run.log({**values, "eval/step": report["step"]})
         run.summary.update(values)
         run.finish()
     except Exception as e:  # the report is written; a logging failure must not lose it
         print(f"warning: could not log the report to wandb: {e}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every checkpoint of a run: dmd2 eval RUN --all-checkpoints [--watch]
+
+EVAL_DIR = "eval"  # RUN/eval/: step_XXXXXXXX.json reports, eval.jsonl, images/ (the latest checkpoint's)
+REMOVED = "step {step}: checkpoint removed while being scored (train.keep_last); skipped"
+
+
+def higher_is_better(name: str) -> bool:
+    """CLIP score: higher is better; FID and patch FID: lower."""
+    return name.endswith("clip_score")
+
+
+def eval_rows(run: str | Path) -> list[dict]:
+    """RUN/eval/eval.jsonl: one row {"step": N, <metric>: value, ...} per scored checkpoint
+    (a line torn by a kill mid-append is ignored, so its checkpoint is scored again)."""
+    path = Path(run) / EVAL_DIR / "eval.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def best_row(rows: Sequence[dict]) -> tuple[str, dict] | None:
+    """(metric, row): the row best by the first metric of the rows (as the report orders them)."""
+    if not rows:
+        return None
+    name = next(k for k in rows[-1] if k != "step")
+    scored = [r for r in rows if name in r]
+    pick = max if higher_is_better(name) else min
+    return name, pick(scored, key=lambda r: r[name])
+
+
+def _append_row(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evaluate_all(run: str | Path, *, watch: bool = False, poll_s: float = 60.0, echo: Callable[[str], None] = print,
+                 **kwargs) -> list[dict]:
+    """Score every committed checkpoint of ``run`` once, oldest first, with ``evaluate(run, ckpt=...,
+    **kwargs)``: RUN/eval/step_XXXXXXXX.json (its report) and a row in RUN/eval/eval.jsonl each, and the
+    metrics on the run's wandb run against eval/step. Checkpoints with a row are skipped, so a re-run
+    resumes. ``watch``: poll every ``poll_s`` seconds until the checkpoint of train.max_steps is scored.
+
+    A checkpoint that train.keep_last rotates away while it is scored is skipped with one line (the
+    loader fails, and its COMMITTED marker, which rotation removes first, is gone). Returns the rows.
+    """
+    from . import checkpoint
+    from .config import RecipeError, load_recipe
+
+    run = Path(run)
+    if is_export(run) or not (run / "recipe.yaml").is_file():
+        raise UserError(f"{run}: --all-checkpoints needs a run folder (recipe.yaml + checkpoints/), not an export "
+                        "or another folder")
+    if dist_env()[1] > 1:
+        raise UserError("--all-checkpoints runs in one process: start it without the deepspeed launcher")
+    if kwargs.get("out") is not None:
+        raise UserError("--all-checkpoints writes its reports to RUN/eval/; drop --out")
+    folder = run / EVAL_DIR
+    if kwargs.get("images_dir") is None:
+        kwargs["images_dir"] = folder / "images"
+    while True:
+        done = {r["step"] for r in eval_rows(run)}
+        for ckpt in checkpoint.committed(run):
+            try:
+                step = int(checkpoint.read_state(ckpt)["step"])
+            except (checkpoint.CheckpointError, KeyError):
+                continue  # rotated away since it was listed
+            if step in done:
+                continue
+            try:
+                report = evaluate(run, ckpt=ckpt, **kwargs)
+            except Exception:
+                if checkpoint.is_committed(ckpt):
+                    raise
+                echo(REMOVED.format(step=step))
+                continue
+            folder.mkdir(exist_ok=True)
+            atomic_write(folder / f"step_{step:08d}.json", json.dumps(report, indent=1))
+            row = {"step": step, **{m["name"]: m["value"] for m in report["metrics"]}}
+            _append_row(folder / "eval.jsonl", row)
+            _log_wandb(run, report, step_axis=True)
+            done.add(step)
+            echo(f"step {step}: " + ", ".join(f"{m['name']} {m['value']:.6g}" for m in report["metrics"]))
+        if not watch:
+            break
+        try:
+            final = load_recipe(run / "recipe.yaml").train.max_steps
+        except RecipeError as e:
+            raise UserError(str(e)) from None
+        if final in done:
+            break
+        time.sleep(poll_s)
+    return eval_rows(run)

@@ -62,3 +62,24 @@ def tiny_teacher(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def extractor_file(tmp_path_factory) -> Path:
+    """A tiny TorchScript feature extractor with clean-fid's convention: N x 3 x H x W in [0, 255] -> N x 6."""
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Parameter(torch.randn(12, 6) / 12**0.5)
+
+        def forward(self, x):
+            # a matmul, not nn.Linear: in-process ZeRO-3 tests leave F.linear patched with a Python function
+            return torch.nn.functional.adaptive_avg_pool2d(x / 255, 2).flatten(1) @ self.proj
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("extractor") / "tiny_features.pt"
+    with pytest.warns(FutureWarning):  # TorchScript is deprecated in torch 2.14 but is clean-fid's format
+        torch.jit.save(torch.jit.trace(Tiny().eval(), torch.rand(2, 3, 299, 299) * 255), str(path))
+    return path

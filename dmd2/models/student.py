@@ -87,8 +87,9 @@ def read_export_meta(folder: str | Path) -> dict:
         raise UserError(f"{path}: unreadable ({e})") from None
 
 
-def load_student(path: str | Path, device="cpu", *, merge_lora: bool = True) -> Student:
-    """The distilled generator from a run folder (its newest committed checkpoint) or a dmd2 export folder.
+def load_student(path: str | Path, device="cpu", *, merge_lora: bool = True, ckpt: str | Path | None = None) -> Student:
+    """The distilled generator from a run folder (its newest committed checkpoint, or ``ckpt``, one
+    of its committed checkpoint folders) or a dmd2 export folder.
 
     LoRA runs are merged into full weights unless ``merge_lora`` is False (export keeps the
     peft layers to write the adapter file).
@@ -97,9 +98,11 @@ def load_student(path: str | Path, device="cpu", *, merge_lora: bool = True) -> 
     if not path.exists():
         raise UserError(f"{path}: no such run folder or export")
     if is_export(path):
+        if ckpt is not None:
+            raise UserError(f"{path}: an export holds one generator; a checkpoint can only be chosen in a run folder")
         return _from_export(path, device)
     if (path / "recipe.yaml").is_file():
-        return _from_run(path, device, merge_lora)
+        return _from_run(path, device, merge_lora, None if ckpt is None else Path(ckpt))
     raise UserError(f"{path}: neither a run folder (recipe.yaml + checkpoints/) nor a dmd2 export ({EXPORT_META})")
 
 
@@ -118,14 +121,17 @@ def quiet():
         yield
 
 
-def _from_run(run: Path, device, merge_lora: bool) -> Student:
+def _from_run(run: Path, device, merge_lora: bool, ckpt: Path | None = None) -> Student:
     try:
         recipe = load_recipe(run / "recipe.yaml")
     except RecipeError as e:
         raise UserError(str(e)) from None
-    ckpt = checkpoint.latest(run)
     if ckpt is None:
-        raise UserError(f"{run}: no committed checkpoint in {run / 'checkpoints'} (train it first)")
+        ckpt = checkpoint.latest(run)
+        if ckpt is None:
+            raise UserError(f"{run}: no committed checkpoint in {run / 'checkpoints'} (train it first)")
+    elif not checkpoint.is_committed(ckpt):
+        raise UserError(f"{ckpt}: not a committed checkpoint (missing, interrupted, or removed by train.keep_last)")
     step = int(checkpoint.read_state(ckpt)["step"])
     parts = teacher_of(recipe, str(run / "recipe.yaml"))
     with quiet():
