@@ -57,6 +57,9 @@ class Student:
     overrides: tuple[str, ...] = ()  # key.path=value, as on the dmd2 command line
     quarter: bool = False  # also score its checkpoint a quarter of the way (``<name>_quarter``)
     first: bool = False  # also score it on all its timesteps but the last (``<name>_first3``)
+    # The regression stage (docs/algorithm.md §10): (pairs, teacher steps) drawn by dmd2 ode-pairs first
+    pairs: tuple[int, int] | None = None
+    init: str | None = None  # model.generator_init: the run of this benchmark's student of that name
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,10 @@ PROFILES = {
         Student("student_1step", "recipes/digits_1step.yaml", DIGITS, 1500, ("train.batch_size=256",)),
         Student("student_4step", "recipes/digits_4step.yaml", DIGITS, 2000, quarter=True, first=True),
         Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 1000),
-        Student("student_4step", "recipes/digits_t2i_4step.yaml", T2I, 1000, quarter=True, first=True)),
+        Student("student_4step", "recipes/digits_t2i_4step.yaml", T2I, 1000, quarter=True, first=True),
+        # the authors' 1-step SDXL warm start: ODE pairs, the regression stage, then DMD2 from it
+        Student("regression_only", "recipes/digits_t2i_1step_regression.yaml", T2I, pairs=(1000, 25)),
+        Student("student_1step_warm", "recipes/digits_t2i_1step_warm.yaml", T2I, 1000, init="regression_only")),
         _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1, 4, 50), (50,)), 2000, "bench"),
     # tests/test_digits.py: the 1-step students, briefly trained, against the 1-call teachers.
     # 150 steps need the faster constant rates of the recipe's first version (at the recipe's own
@@ -313,8 +319,22 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False)
         args.append(f"train.max_steps={_max_steps(s)}")
         if s.quarter:  # a checkpoint at a quarter of the run, kept
             args += [f"train.checkpoint_every={_max_steps(s) // 4}", "train.keep_last=4"]
+        after = None
+        if s.pairs is not None:  # draw the pairs first (fresh, as the runs; first in line: a chain waits on them)
+            pairs = p.out / f"{s.benchmark}_pairs"
+            shutil.rmtree(pairs, ignore_errors=True)
+            train_cmds.insert(0, (f"pairs {_key(s)}", ["ode-pairs", str(REPO / s.recipe), "--num-pairs", str(s.pairs[0]),
+                                                    "--steps", str(s.pairs[1]), "--batch-size", "50",
+                                                    "--out", str(pairs.resolve())],
+                               p.out / "logs" / f"pairs_{s.benchmark}_{s.name}.log"))
+            args.append(f"regression.pairs={pairs.resolve()}")
+            after = f"pairs {_key(s)}"
+        if s.init is not None:
+            init = Student(s.init, "", s.benchmark)
+            args.append(f"model.generator_init={(p.out / f'{s.benchmark}_{s.init}').resolve()}")
+            after = f"train {_key(init)}"
         args += list(s.overrides)
-        train_cmds.append((f"train {_key(s)}", args, p.out / "logs" / f"train_{s.benchmark}_{s.name}.log"))
+        train_cmds.append((f"train {_key(s)}", args, p.out / "logs" / f"train_{s.benchmark}_{s.name}.log", after))
     # each student's evals start as soon as its training ends, on the core it frees
 
     def eval_args(e: Eval) -> list[str]:
@@ -367,6 +387,8 @@ def _cost(s: Student) -> float:
     r = _recipe(s.recipe)
     batch = next((int(o.split("=")[1]) for o in s.overrides if o.startswith("train.batch_size=")), r.train.batch_size)
     per_step = (0.7 if s.benchmark == T2I else 0.4) + (0.2 if r.generator.num_steps > 1 else 0.0)
+    if r.regression is not None:  # the generator alone
+        per_step = 0.25
     return _max_steps(s) * per_step * batch / 128
 
 

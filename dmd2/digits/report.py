@@ -22,7 +22,9 @@ MAIN_STUDENTS = ("student_1step", "student_4step")  # the _first3 / _quarter row
 
 @dataclass
 class Row:
-    name: str  # teacher, teacher_cfg, teacher_nocfg, student_1step, student_4step(_first3|_quarter), real_heldout
+    # teacher, teacher_cfg, teacher_nocfg, student_1step(_warm), student_4step(_first3|_quarter), regression_only,
+    # real_heldout
+    name: str
     nfe: int  # sampling steps (network calls per image without CFG; 0: real images)
     fid: float
     precision: float
@@ -232,4 +234,7 @@ def check_targets(rows: list[Row], which: str, wall_s: float | None = None) -> l
             acc(r, 0.97)
             if t50 is not None and r is not None:
                 le(r, t50, 0.8, what="recall")
+        warm = _find(rows, bench, "student_1step_warm")  # the regression stage's warm start, equal DMD2 steps
+        le(warm, one)
+        le(warm, one, what="recall")
     return checks
