@@ -39,7 +39,7 @@ lint: $(PY)
 	$(VENV)/bin/ruff check dmd2 tests scripts benchmarks
 
 # The main job on the embedded default: distill the digits teacher on CPU, compare in one table
-# (runs/demo/report.json). bench-quality: the same pipeline, longer (runs/bench-quality/).
+# (runs/demo/report.json). bench-quality: the same pipeline, longer, six students (runs/bench-quality/).
 demo: $(STAMP)
 	$(PY) -m dmd2.digits.demo
 
