@@ -355,6 +355,26 @@ def _has_attention(block) -> bool:
     return int(_state(block).get("num_heads") or 0) > 0
 
 
+def _map_level(mp, key: str, lv: dict, where: str) -> bool:
+    """One resolution level's blocks onto ``key``'s resnets (and attentions); True when they have
+    attention (all of them or none: a diffusers block type has it everywhere or nowhere)."""
+    attn = {_has_attention(b) for _, b in lv["blocks"]}
+    if len(attn) != 1:
+        raise mp.fail(f"{where}.{lv['res']}x{lv['res']}", "has attention in some blocks only")
+    for i, (path, block) in enumerate(lv["blocks"]):
+        mp.resnet(f"{key}.resnets.{i}", block, path)
+        if _has_attention(block):
+            mp.attention(f"{key}.attentions.{i}", block, path)
+    return attn == {True}
+
+
+def _map_resample(mp, key: str, path: str, block, **updown) -> None:
+    """A level's _down / _up block onto the diffusers down/upsampler ``key`` (a resnet, no attention)."""
+    if _has_attention(block):
+        raise mp.fail(path, "has attention")
+    mp.resnet(key, block, path, **updown)
+
+
 def _levels(mapper: _Mapper, container, path: str, first: tuple[str, ...], later: str) -> list[dict]:
     """A ModuleDict's keys as levels: [{res, head: {name: block}, blocks: [...]}], in order."""
     levels: list[dict] = []
@@ -419,20 +439,11 @@ def map_dhariwal_unet(model, where: str) -> tuple[dict, dict]:
     block_out, down_types, up_types = [], [], []
     for level, lv in enumerate(down):
         key = f"down_blocks.{level}"
-        attn = {_has_attention(b) for _, b in lv["blocks"]}
-        if len(attn) != 1:
-            raise mp.fail(f"{p}.enc.{lv['res']}x{lv['res']}", "has attention in some blocks only")
-        for i, (path, block) in enumerate(lv["blocks"]):
-            mp.resnet(f"{key}.resnets.{i}", block, path)
-            if _has_attention(block):
-                mp.attention(f"{key}.attentions.{i}", block, path)
+        attn = _map_level(mp, key, lv, f"{p}.enc")
         block_out.append(int(mp.sd[f"{key}.resnets.0.conv1.weight"].shape[0]))
-        down_types.append("AttnDownBlock2D" if attn == {True} else "ResnetDownsampleBlock2D")
+        down_types.append("AttnDownBlock2D" if attn else "ResnetDownsampleBlock2D")
         if level > 0:
-            path, block = lv["head"]["down"]
-            if _has_attention(block):
-                raise mp.fail(path, "has attention")
-            mp.resnet(f"down_blocks.{level - 1}.downsamplers.0", block, path, down=True)
+            _map_resample(mp, f"down_blocks.{level - 1}.downsamplers.0", *lv["head"]["down"], down=True)
 
     # middle: _in0 = resnet + attention, _in1 = resnet
     (p0, in0), (p1, in1) = up[0]["head"]["in0"], up[0]["head"]["in1"]
@@ -444,20 +455,10 @@ def map_dhariwal_unet(model, where: str) -> tuple[dict, dict]:
 
     # decoder: up_blocks[k] is level L-1-k; level l's _up is the upsampler at the end of the level below
     for k, lv in enumerate(up):
-        key = f"up_blocks.{k}"
-        attn = {_has_attention(b) for _, b in lv["blocks"]}
-        if len(attn) != 1:
-            raise mp.fail(f"{p}.dec.{lv['res']}x{lv['res']}", "has attention in some blocks only")
-        for i, (path, block) in enumerate(lv["blocks"]):
-            mp.resnet(f"{key}.resnets.{i}", block, path)
-            if _has_attention(block):
-                mp.attention(f"{key}.attentions.{i}", block, path)
-        up_types.append("AttnUpBlock2D" if attn == {True} else "ResnetUpsampleBlock2D")
+        attn = _map_level(mp, f"up_blocks.{k}", lv, f"{p}.dec")
+        up_types.append("AttnUpBlock2D" if attn else "ResnetUpsampleBlock2D")
         if k > 0:
-            path, block = lv["head"]["up"]
-            if _has_attention(block):
-                raise mp.fail(path, "has attention")
-            mp.resnet(f"up_blocks.{k - 1}.upsamplers.0", block, path, up=True)
+            _map_resample(mp, f"up_blocks.{k - 1}.upsamplers.0", *lv["head"]["up"], up=True)
 
     mp.norm("conv_norm_out", kids.get("out_norm"), f"{p}.out_norm")
     conv_out = mp.conv("conv_out", kids.get("out_conv"), f"{p}.out_conv", kernel=3)

@@ -73,3 +73,16 @@ def check_run(run, steps, teacher, full_weights=True):
     ref = load_file(str(next((teacher / "unet").glob("*.safetensors"))))
     assert set(weights) == set(ref)
     assert any(not torch.equal(weights[k], ref[k]) for k in ref)
+
+
+def cli_error(*args) -> str:
+    """Run a command in-process; it must fail with exit status 2 and one line on stderr."""
+    from typer.testing import CliRunner
+
+    from dmd2.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]

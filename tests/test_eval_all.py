@@ -12,8 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli
-from typer.testing import CliRunner
+from helpers import REPO, cli_error, run_cli
 
 TINY_IMAGES = REPO / "recipes" / "data" / "tiny_images"
 REMOVED = "step 2: checkpoint removed while being scored (train.keep_last); skipped"
@@ -49,17 +48,6 @@ def _flags(extractor_file, tmp_path) -> list:
 def _kwargs(extractor_file, tmp_path) -> dict:
     return dict(fid=True, ref=TINY_IMAGES, feature_extractor=extractor_file, num_images=4,
                 stats_cache=tmp_path / "stats")
-
-
-def cli_error(*args) -> str:
-    """Run a command in-process; it must fail with exit status 2 and one line on stderr."""
-    from dmd2.cli import app
-
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr, res.exception)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    return lines[0]
 
 
 def test_all_checkpoints_in_step_order_resumes_and_matches_plain_eval(run, tmp_path, extractor_file):

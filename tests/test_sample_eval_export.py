@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import cli_env
+from helpers import cli_env, cli_error
 from PIL import Image
-from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_IMAGES = REPO / "recipes" / "data" / "tiny_images"
@@ -37,17 +36,6 @@ def run_cli(*args, ranks=1, timeout=600):
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
-
-
-def cli_error(*args) -> str:
-    """Run a command in-process; it must fail with exit status 2 and one line on stderr."""
-    from dmd2.cli import app
-
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr, res.exception)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)
@@ -162,6 +150,8 @@ def test_sample_cli_and_per_sample_seeds(sd15_run, tmp_path):
 
 
 def test_sample_refuses_a_folder_with_images_unless_overwrite(sd15_run, tmp_path):
+    from typer.testing import CliRunner
+
     from dmd2.cli import app
     from dmd2.generate import sample_to_folder
 

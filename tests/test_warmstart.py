@@ -3,7 +3,7 @@ trains from them, and one-line refusals of what does not fit."""
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import cli_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +89,13 @@ def test_another_architecture_is_refused_in_one_line(tmp_path, tiny_teacher):
     with pytest.raises(UserError, match=r"^model.generator_init: other: not the teacher's UNet architecture \("):
         load_generator(sd15.unet, sdxl.unet.state_dict(), "other")
     # through the CLI: a folder that is neither a run nor an export, exit 2, one line
-    res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={tiny_teacher('sd15')}", "train.max_steps=1",
-                  f"output_dir={tmp_path / 'run'}", f"model.generator_init={tiny_teacher('sdxl')}")
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert res.stderr.strip().count("\n") == 0 and "model.generator_init:" in res.stderr
+    assert "model.generator_init:" in cli_error("train", "recipes/tiny_sd15.yaml", f"model.teacher={tiny_teacher('sd15')}",
+                                                "train.max_steps=1", f"output_dir={tmp_path / 'run'}",
+                                                f"model.generator_init={tiny_teacher('sdxl')}")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # make test-all: two more training runs; the critic_init path itself is in the default suite
 def test_sd15_two_stages_stage_two_adds_the_gan(tmp_path, tiny_teacher):
     """The authors' SD1.5 procedure in small: stage 1 without the GAN, stage 2 from its generator and
     fake score with the GAN on (a new head) and a lower LR: what recipes/sd15_1step_stage2.yaml does."""
