@@ -104,6 +104,9 @@ def _demo(profile: str, out: Path, cache: Path) -> dict:
     return {(r["benchmark"], r["name"], r["nfe"]): r for r in json.loads((out / "report.json").read_text())}
 
 
+# make test-all: the demo pipeline and its report run in the default suite through the digits-t2i
+# test below; this class-conditional run (87 s) is make demo's first row in small.
+@pytest.mark.slow
 def test_demo_student_beats_the_teacher_at_one_call(tmp_path):
     """A short `make demo` (profile "test"): the real CLI trains a 1-step student from the
     checked-in teacher with the GAN on the real digits, dmd2 eval scores both at one call."""

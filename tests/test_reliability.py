@@ -277,6 +277,8 @@ def test_consecutive_nan_steps_stop_the_run(teacher, tmp_path):
     assert checkpoint.read_state(checkpoint.latest(run))["step"] == 2
 
 
+# make reliability (52 s): two ranks are in the default suite through test_a_dead_rank_stops_the_others_with_a_message
+@pytest.mark.slow
 def test_two_ranks_sigterm_to_one_rank_and_exact_resume(teacher, tmp_path_factory):
     """SIGTERM to rank 1 only: both ranks save and exit 0; the resumed 2-rank run equals an
     uninterrupted 2-rank run bitwise."""
