@@ -9,8 +9,14 @@ tokenizers and VAE (file sizes and times), the family, the resolution, the promp
 and the real images (captions file sha256, each image's size and time), and the format below.
 Change any of them and a new folder is built; a resumed run finds the same folder. Items are
 stored in chunks of ``CHUNK`` rows, each encoded in fixed sub-batches, so a chunk's contents do
-not depend on how many ranks built it. Ranks build chunks round-robin; a chunk file appears
-atomically, so an interrupted build resumes where it stopped; ``meta.json`` marks it complete.
+not depend on how many ranks built it. Ranks build chunks round-robin. A chunk file appears
+atomically and a ``.json`` sidecar with its sha256 after it, so an interrupted build (kill -9)
+resumes where it stopped, keeping the chunks that verify; ``meta.json`` marks the cache complete.
+A chunk that does not match its sidecar is refused with its name, never silently rebuilt.
+
+``dmd2 prepare RECIPE`` builds the folder ahead of training (alone or under the launcher, each
+rank encoding its share) and re-hashes every chunk of a complete one; ``dmd2 train`` then finds
+it, checking each chunk's size and time against its sidecar (and re-hashing any that changed).
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from pathlib import Path
 
 import torch
 
+from . import faults
 from .errors import UserError
-from .files import cache_root
+from .files import cache_root, save_shard, shard_state, sidecar
 from .models.conditioning import cond_to
 
-FORMAT = 1  # bump when what is stored or how it is encoded changes
+FORMAT = 2  # bump when what is stored or how it is encoded changes (2: checksum sidecars)
 CHUNK = 1024  # rows per file
 ENCODE_BATCH = 32  # rows per encoder call when building
 META = "meta.json"
@@ -81,14 +88,6 @@ def real_images_fingerprint(real) -> dict:
 def cache_key(inputs: dict) -> str:
     blob = json.dumps({"format": FORMAT, "chunk": CHUNK, "encode_batch": ENCODE_BATCH, **inputs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -164,50 +163,107 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _shard(folder: Path, name: str) -> Path:
+    return folder / f"{name}.safetensors"
+
+
+def _finished(folder: Path, names: Sequence[str], *, full: bool) -> set[str]:
+    """The chunks among ``names`` that are written and match their sidecar's sha256 (re-hashed when
+    ``full``, else only when their size or time changed); a corrupt one is refused, not rebuilt."""
+    done = set()
+    for name in names:
+        state = shard_state(_shard(folder, name), trust_stat=not full)
+        if state == "corrupt":
+            raise UserError(f"data.cache: {_shard(folder, name)} fails its checksum ({sidecar(_shard(folder, name)).name}); "
+                            f"delete {folder} and run `dmd2 prepare` again")
+        if state == "done":
+            done.add(name)
+    return done
+
+
+def _build(folder: Path, builder: Builder, names: Sequence[str], tasks: Sequence[str], progress: bool,
+           timing: dict | None = None) -> int:
+    """Encode and write chunks ``names`` (indices into ``tasks`` name the fault points), with a
+    progress bar per kind (prompts, then images: rate and ETA); returns the rows encoded and adds
+    each kind's rows and seconds to ``timing``."""
+    import time
+
+    from tqdm import tqdm
+
+    rows = 0
+    for kind, unit in (("uncond", "prompt"), ("prompts", "prompt"), ("images", "img")):
+        group = [n for n in names if n.split("_")[0] == kind]
+        total = sum(builder.rows(n) for n in group)
+        with tqdm(total=total, desc=f"encoding {kind}", unit=unit, disable=not progress or not group or kind == "uncond",
+                  dynamic_ncols=True) as bar:
+            builder.tick = bar.update
+            t0 = time.perf_counter()
+            for name in group:
+                k = tasks.index(name)
+                save_shard(builder.build(name), _shard(folder, name), {"rows": builder.rows(name)},
+                           fault=("cache_before_sidecar", k))
+                faults.point("cache_after_shard", k)
+                rows += builder.rows(name)
+            if timing is not None and group:
+                n, secs = timing.get(kind, (0, 0.0))
+                timing[kind] = (n + total, secs + time.perf_counter() - t0)
+        builder.tick = lambda rows: None
+    return rows
+
+
 def open_or_build(root: str | Path, inputs: dict, builder: Builder, *, rank: int = 0, world: int = 1,
-                  max_bad_fraction: float = 1.0) -> ConditioningCache:
+                  max_bad_fraction: float = 1.0, full_verify: bool = False) -> ConditioningCache:
     """The cache folder for ``inputs``, built first if needed (collective: every rank calls it).
 
-    Each rank builds every world-th missing chunk; after a barrier, any chunk still missing (a
-    cache folder that is not shared between nodes) is built locally, so all ranks end up with
-    the same files and take the same path through the barriers.
+    Each rank builds every world-th chunk not yet finished (finished ones are verified by their
+    sha256 and kept: a killed build resumes); after a barrier, any chunk still missing (a cache
+    folder that is not shared between nodes) is built locally, so all ranks end up with the same
+    files and take the same path through the barriers. A complete cache is verified when opened:
+    by size and modification time against each chunk's sidecar (re-hashing chunks that changed),
+    or every chunk re-hashed with ``full_verify`` (``dmd2 prepare``; each rank its share).
     """
-    from tqdm import tqdm
+    import time
 
     from .logs import phase, progress_on
 
     folder = Path(root) / cache_key(inputs)
     found = (folder / META).is_file()
     clock = phase("conditioning cache")
+    started, built, kept, timing = time.perf_counter(), 0, 0, {}
+    tasks = builder.tasks()
     if not found:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"data.cache: cannot create {str(folder)!r} ({e.strerror}); set DMD2_CACHE_DIR to a "
                             "writable folder, or data.cache=false") from None
-        tasks = builder.tasks()
-        mine = [name for i, name in enumerate(tasks)
-                if i % world == rank and not (folder / f"{name}.safetensors").is_file()]
-        # rank 0's share, as the bar's measure of the whole (ranks build equal shares)
-        with tqdm(total=sum(builder.rows(n) for n in mine), desc="conditioning cache", unit="item",
-                  disable=not progress_on() or not mine, dynamic_ncols=True) as bar:
-            builder.tick = bar.update
-            for name in mine:
-                _save(builder.build(name), folder / f"{name}.safetensors")
-            builder.tick = lambda rows: None
+        share = [name for i, name in enumerate(tasks) if i % world == rank]
+        done = _finished(folder, share, full=True)
+        kept = len(done)
+        # rank 0's share is the bars' measure of the whole (ranks build equal shares)
+        built = _build(folder, builder, [n for n in share if n not in done], tasks, progress_on() and rank == 0, timing)
     _barrier()
     if not (folder / META).is_file():
-        for name in builder.tasks():
-            if not (folder / f"{name}.safetensors").is_file():
-                _save(builder.build(name), folder / f"{name}.safetensors")
-        meta = {**inputs, "format": FORMAT, "chunk": CHUNK, "tasks": builder.tasks(),
+        late = _finished(folder, tasks, full=False)
+        built += _build(folder, builder, [n for n in tasks if n not in late], tasks, False)
+        meta = {**inputs, "format": FORMAT, "chunk": CHUNK, "tasks": tasks,
                 "prompts": len(builder.prompts) if builder.prompts is not None else 0,
                 "images": len(builder.real) if builder.real is not None else 0}
         tmp = folder / f"{META}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, folder / META)
     _barrier()
+    if found:
+        names = [n for i, n in enumerate(tasks) if not full_verify or i % world == rank]
+        ok = _finished(folder, names, full=full_verify)
+        missing = [n for n in names if n not in ok]
+        if missing:
+            raise UserError(f"data.cache: {_shard(folder, missing[0])} is missing; delete {folder} and run "
+                            "`dmd2 prepare` again")
+        _barrier()
     cache = ConditioningCache(folder)
+    cache.stats = {"found": found, "built_rows": built, "kept_shards": kept, "seconds": time.perf_counter() - started,
+                   "timing": timing}  # timing: this rank's {kind: (rows, seconds)}
     clock.done(f"conditioning cache {'found' if found else 'built'}: {cache.num_prompts} prompts / {cache.images} "
                f"images in {folder}")
     if cache.images and len(cache.bad) > max_bad_fraction * cache.images:
@@ -223,6 +279,7 @@ class ConditioningCache:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self.stats: dict = {}  # how open_or_build found or built it
         meta = json.loads((self.folder / META).read_text())
         self.num_prompts, self.images, self.tasks = meta["prompts"], meta["images"], meta["tasks"]
         self._files: dict[str, object] = {}
@@ -300,10 +357,10 @@ class CachedConditioning:
 
 
 def open_source(cfg, teacher, conditioner, vae, *, prompts, real, resolution: int, sample_shape, rank: int,
-                world: int, device) -> CachedConditioning:
+                world: int, device, full_verify: bool = False) -> CachedConditioning:
     """The cache for this teacher, resolution, prompts file and image folder, built first if needed
     (collective: ranks share the build); the text encoders then leave the accelerator, as nothing
-    encodes text any more."""
+    encodes text any more. ``full_verify``: re-hash every chunk of a complete cache (prepare)."""
     from .files import sha256_file
     from .models import vae as vae_io
 
@@ -315,7 +372,8 @@ def open_source(cfg, teacher, conditioner, vae, *, prompts, real, resolution: in
     builder = Builder(prompts, real, conditioner.encode_prompts if text else None,
                       lambda images: vae_io.encode(vae, images.to(device)),
                       (lambda: conditioner.uncond(1)) if text else None, sample_shape)
-    c = open_or_build(default_root(), inputs, builder, rank=rank, world=world, max_bad_fraction=cfg.max_bad_fraction)
+    c = open_or_build(default_root(), inputs, builder, rank=rank, world=world, max_bad_fraction=cfg.max_bad_fraction,
+                      full_verify=full_verify)
     source = CachedConditioning(c, real, device)
     if text:
         for enc in conditioner.encoders:
@@ -323,3 +381,51 @@ def open_source(cfg, teacher, conditioner, vae, *, prompts, real, resolution: in
     if real is not None:
         real.bad = set(c.bad)
     return source
+
+
+def prepare(recipe, recipe_path: str | Path | None = None, *, progress: bool = True) -> ConditioningCache:
+    """``dmd2 prepare``: build, finish or verify the recipe's conditioning cache, under exactly the
+    key ``dmd2 train`` looks for, without the denoiser or any engine. Under the launcher each rank
+    encodes its share (gloo). Returns the complete, verified cache."""
+    import time
+
+    from .data import build_batches
+    from .engines import device as default_device
+    from .generate import barrier, dist_env
+    from .models import load_teacher
+
+    d, m = recipe.data, recipe.model
+    if recipe.regression is not None:
+        raise UserError("regression: the regression stage reads its ODE pairs (dmd2 ode-pairs), not a conditioning "
+                        "cache; nothing to prepare")
+    if not d.cache:
+        raise UserError("data.cache: false: training encodes every step, so there is nothing to prepare; "
+                        "set data.cache=true")
+    rank, world = dist_env()
+    barrier(world)  # starts the gloo group the cache's barriers use
+    started = time.perf_counter()
+    teacher = load_teacher(m.teacher, m.family, m.teacher_config, denoiser=False)
+    if teacher.family == "classcond" and d.real_images is None:
+        raise UserError("data.real_images: a class-conditional teacher's cache holds real-image latents only; "
+                        "without data.real_images there is nothing to prepare")
+    resolution = teacher.training_resolution(recipe.train.resolution)
+    if teacher.family != "classcond":
+        teacher.check_cfg(recipe.loss.cfg_scale)
+    batches = build_batches(d, teacher, resolution=resolution, batch_size=recipe.train.batch_size,
+                            seed=recipe.train.seed, cfg_scale=recipe.loss.cfg_scale, rank=rank, world=world,
+                            device=default_device(), full_verify=True)
+    cache = batches.source.cache
+    if rank == 0:
+        st, secs = cache.stats, time.perf_counter() - started
+        n, s = st["timing"].get("images", (0, 0.0))
+        what = ("found complete and every chunk verified" if st["found"] else
+                f"built {st['built_rows']} rows in {st['seconds']:.1f} s"
+                + (f" (images at {n / s:.0f}/s on rank 0)" if n and s else "")
+                + (f", {st['kept_shards']} finished chunks kept" if st["kept_shards"] else ""))
+        bad = f", {len(cache.bad)} unreadable skipped" if cache.bad else ""
+        print(f"conditioning cache {cache.folder}: {cache.num_prompts} prompts, {cache.images} images{bad}; {what} "
+              f"({secs:.1f} s in all)")
+        if recipe_path is not None:
+            print(f"`dmd2 train {recipe_path}` reads it")
+    barrier(world)
+    return cache

@@ -91,6 +91,43 @@ def train(
         raise typer.Exit(1) from None
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def prepare(
+    recipe: Path = typer.Argument(..., help="The recipe whose teacher, data.prompts and data.real_images to encode."),
+    overrides: list[str] = typer.Argument(None, help="key.path=value overrides, the same ones `dmd2 train` will get."),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
+    local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
+) -> None:
+    """Build the recipe's conditioning cache before training: prompt embeddings, the unconditional
+    embedding, real-image latents and their caption embeddings.
+
+    `dmd2 train` with the same recipe and overrides then starts without encoding anything. Re-run
+    to finish a killed build (finished chunks are verified by sha256 and kept) or to re-verify a
+    complete cache. For N ranks: deepspeed --num_gpus N --module dmd2 prepare RECIPE (each rank
+    encodes its share). The cache lives in $DMD2_CACHE_DIR (default ~/.cache/dmd2/conditioning).
+    """
+    from .config import RecipeError, load_recipe
+
+    try:
+        cfg = load_recipe(recipe, overrides or [])
+    except RecipeError as e:
+        _fail(str(e))
+    from . import hub
+    from .errors import UserError
+    from .logs import set_quiet
+
+    set_quiet(quiet)
+    try:
+        if not cfg.model.teacher.endswith((".safetensors", ".ckpt")):
+            hub.require(cfg.model.teacher, "unet/config.json", what="model.teacher", instead=hub.TEACHER_INSTEAD)
+        _quiet_loaders()
+        from .cache import prepare as run_prepare
+
+        run_prepare(cfg, " ".join([str(recipe), *(overrides or [])]))
+    except UserError as e:
+        _fail(str(e))
+
+
 @app.command("ode-pairs", context_settings={"allow_extra_args": False})
 def ode_pairs(
     recipe: Path = typer.Argument(..., help="The recipe whose teacher, loss.cfg_scale, data.prompts and train.seed "

@@ -281,9 +281,10 @@ class Batches:
 
 
 def build_batches(cfg, teacher, *, resolution: int, batch_size: int, seed: int, cfg_scale: float, rank: int,
-                  world: int, device) -> Batches:
+                  world: int, device, full_verify: bool = False) -> Batches:
     """Read and check ``data`` (a DataConfig) for ``teacher``, and open its conditioning source: the
-    cache (built first if needed; collective) or live encoding."""
+    cache (built first if needed; collective; ``full_verify``: see ``cache.open_or_build``) or live
+    encoding."""
     from .models import Conditioner
 
     captions = cfg.generator_prompts == "captions"
@@ -308,7 +309,8 @@ def build_batches(cfg, teacher, *, resolution: int, batch_size: int, seed: int, 
         from . import cache
 
         source = cache.open_source(cfg, teacher, conditioner, vae, prompts=prompts, real=real, resolution=resolution,
-                                   sample_shape=shape[1:], rank=rank, world=world, device=device)
+                                   sample_shape=shape[1:], rank=rank, world=world, device=device,
+                                   full_verify=full_verify)
     else:
         source = LiveConditioning(prompts, real, conditioner, vae, device)
     return Batches(source, conditioner, prompts=prompts, real=real, shape=shape, cfg=cfg_scale != 1.0, seed=seed,

@@ -33,3 +33,52 @@ def atomic_write(path: Path, text: str) -> None:
 def cache_root(name: str) -> Path:
     """dmd2's folder ``name`` under the user's cache ($XDG_CACHE_HOME, default ~/.cache)."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmd2" / name
+
+
+def sidecar(shard: Path) -> Path:
+    """The ``.json`` beside a safetensors shard that records its checksum."""
+    return shard.with_suffix(".json")
+
+
+def save_shard(tensors: dict, path: Path, record: dict | None = None, *, fault: tuple[str, int] | None = None) -> dict:
+    """Write a safetensors shard, then its sidecar: ``record`` plus the shard's sha256, size and
+    modification time. The shard appears atomically and the sidecar after it, so a shard is
+    finished exactly when its sidecar exists and matches (a kill -9 in between redoes it).
+    ``fault``: the (point, step) of dmd2/faults.py between the two, for the kill -9 tests."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from . import faults
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # no metadata: safetensors writes metadata keys in hash order, and a rebuilt shard must be byte-identical
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    if fault is not None:
+        faults.point(*fault)
+    st = path.stat()
+    record = {**(record or {}), "sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    atomic_write(sidecar(path), json.dumps(record))
+    return record
+
+
+def shard_state(path: Path, *, trust_stat: bool = False) -> str:
+    """``"done"``, ``"missing"`` (no shard or no sidecar yet: to be written) or ``"corrupt"`` (the
+    shard does not match its sidecar's sha256). With ``trust_stat``, a shard whose size and
+    modification time are the ones recorded is not re-hashed (any write to it changes them)."""
+    import json
+
+    side = sidecar(path)
+    try:
+        record = json.loads(side.read_text())
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError):
+        return "corrupt"
+    if not isinstance(record, dict) or "sha256" not in record:
+        return "corrupt"
+    if trust_stat and [st.st_size, st.st_mtime_ns] == [record.get("size"), record.get("mtime_ns")]:
+        return "done"
+    return "done" if st.st_size == record.get("size", st.st_size) and sha256_file(path) == record["sha256"] else "corrupt"

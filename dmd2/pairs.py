@@ -17,14 +17,13 @@ run re-run with the same command keeps the shards it finished and draws the rest
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UserError
-from .files import atomic_write, sha256_file
+from .files import atomic_write, save_shard, sha256_file, shard_state
 
 MANIFEST = "manifest.json"
 FORMAT = "dmd2-ode-pairs-1"
@@ -48,14 +47,7 @@ def _settings(recipe, teacher, *, num_pairs: int, steps: int, shard_size: int, r
 
 
 def _shard_done(out: Path, j: int) -> bool:
-    side = out / shard_name(j).replace(".safetensors", ".json")
-    shard = out / shard_name(j)
-    if not (side.is_file() and shard.is_file()):
-        return False
-    try:
-        return json.loads(side.read_text())["sha256"] == sha256_file(shard)
-    except (OSError, ValueError, KeyError):
-        return False
+    return shard_state(out / shard_name(j)) == "done"  # a corrupt shard is drawn again
 
 
 def _check_folder(out: Path, settings: dict) -> dict | None:
@@ -140,10 +132,6 @@ def draw_pairs(recipe, out: str | Path, *, num_pairs: int, steps: int = 50, shar
     total = sum(min(shard_size, num_pairs - j * shard_size) for j in todo)
     bar = tqdm(total=total, unit="pair", desc=f"ode-pairs ({len(mine) - len(todo)} of {len(mine)} shards kept)",
                disable=not (progress and rank == 0), dynamic_ncols=True)
-    from safetensors.torch import save_file
-
-    from . import faults
-
     for j in todo:
         first, count = j * shard_size, min(shard_size, num_pairs - j * shard_size)
         rows: dict[str, list[torch.Tensor]] = {}
@@ -163,14 +151,7 @@ def draw_pairs(recipe, out: str | Path, *, num_pairs: int, steps: int = 50, shar
                 rows.setdefault(k, []).append(v.detach().cpu())
             bar.update(len(idx))
         tensors = {k: torch.cat(v).contiguous() for k, v in rows.items()}
-        path = out / shard_name(j)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        # no metadata: safetensors writes its keys in hash order, and a redrawn shard must be byte-identical
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-        faults.point("pairs_after_shard", j)
-        atomic_write(path.with_suffix(".json"), json.dumps({"first": first, "count": count,
-                                                            "sha256": sha256_file(path)}))
+        save_shard(tensors, out / shard_name(j), {"first": first, "count": count}, fault=("pairs_after_shard", j))
     bar.close()
     barrier(world)
     if rank == 0:

@@ -118,19 +118,26 @@ def test_unreadable_images_are_skipped_as_without_cache(tiny_teacher, cache_dir,
 
 
 def test_training_losses_with_and_without_cache(tiny_teacher, tmp_path):
-    """Through the CLI: the cached run's losses equal the per-step-encoding run's (to float
-    rounding of batch composition in the encoders), and a run that finds the cache built repeats
-    the first cached run exactly."""
+    """Through the CLI: ``dmd2 prepare`` builds the cache under the key training looks for, so the
+    run after it encodes nothing (its files untouched, no encoding bar); and that run's losses
+    equal the per-step-encoding run's (to float rounding of batch composition in the encoders)."""
     teacher = tiny_teacher("sd15")
     env = {"DMD2_CACHE_DIR": str(tmp_path / "cache")}
+    common = ("recipes/tiny_sd15.yaml", f"model.teacher={teacher}")
+    res = run_cli("prepare", *common, **env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "12 images" in res.stdout and "16 prompts" in res.stdout
+    (folder,) = (tmp_path / "cache").iterdir()
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     curves = {}
-    for name, extra in (("cached", []), ("encoded", ["data.cache=false"]), ("hit", [])):
+    for name, extra in (("cached", []), ("encoded", ["data.cache=false"])):
         run = tmp_path / name
-        res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", f"output_dir={run}",
-                      "train.max_steps=3", "train.update_ratio=1", *extra, **env)
+        res = run_cli("train", *common, f"output_dir={run}", "train.max_steps=3", "train.update_ratio=1", *extra, **env)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
         curves[name] = loss_curve(run)
-    assert curves["hit"] == curves["cached"]
+        if name == "cached":
+            assert "conditioning cache found" in res.stdout and "encoding" not in res.stderr, res.stdout[-2000:]
+            assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
     for step, losses in curves["cached"].items():
         for k, v in losses.items():
             assert v == pytest.approx(curves["encoded"][step][k], rel=1e-4, abs=1e-7), (step, k)

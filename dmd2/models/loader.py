@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -130,8 +131,11 @@ def _quiet_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def load_teacher(source: str, family: str = "auto", config_source: str | None = None) -> Teacher:
-    """Load a frozen teacher. ``family`` (from the recipe) is checked against what is found."""
+def load_teacher(source: str, family: str = "auto", config_source: str | None = None, *,
+                 denoiser: bool = True) -> Teacher:
+    """Load a frozen teacher. ``family`` (from the recipe) is checked against what is found.
+    ``denoiser=False`` (a diffusers folder or hub id): the UNet is built from its config on the meta
+    device, weights unread, for work that needs only the encoders and the VAE (``dmd2 prepare``)."""
     _quiet_loading()
     where = f"model.teacher: {source!r}"
     if source.endswith((".safetensors", ".ckpt")):
@@ -140,7 +144,7 @@ def load_teacher(source: str, family: str = "auto", config_source: str | None = 
         if is_local(source) and not Path(source).expanduser().is_dir():
             raise UserError(f"{where} does not exist (expected a diffusers folder, a hub id, or a .safetensors file)")
         try:
-            teacher = _load_diffusers(source)
+            teacher = _load_diffusers(source, denoiser)
         except UserError:
             raise
         except (OSError, ValueError) as e:
@@ -155,7 +159,7 @@ def load_teacher(source: str, family: str = "auto", config_source: str | None = 
     return teacher
 
 
-def _load_diffusers(source: str) -> Teacher:
+def _load_diffusers(source: str, denoiser: bool = True) -> Teacher:
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
     where = f"model.teacher: {source!r}"
@@ -166,7 +170,11 @@ def _load_diffusers(source: str) -> Teacher:
         raise UserError(f"{where} is not a diffusers teacher (needs unet/config.json and scheduler/scheduler_config.json)")
     family = _detect_family(model_index, unet_cfg)
     unet_cls = UNet2DModel if unet_cfg.get("_class_name") == "UNet2DModel" else UNet2DConditionModel
-    unet = unet_cls.from_pretrained(source, subfolder="unet")
+    if denoiser:
+        unet = unet_cls.from_pretrained(source, subfolder="unet")
+    else:
+        with torch.device("meta"):
+            unet = unet_cls.from_config(unet_cfg)
     has_vae = (model_index and "vae" in model_index) or _load_config(source, "config.json", "vae") is not None
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if has_vae else None
     encoders, tokenizers = [], []
