@@ -7,7 +7,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-all test-install lint demo bench-quality reliability bench
+.PHONY: install test test-all test-install test-multinode lint demo bench-quality reliability bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,6 +34,11 @@ test-all: $(PY)
 # `pip install .` (a wheel, not editable) into a fresh venv, then `dmd2 train` from another folder.
 test-install: $(PY)
 	$(PY) -m pytest -q -m slow tests/test_install.py
+
+# Multi-node on one machine: `dmd2 train` as two nodes (two deepspeed launchers, --no_ssh,
+# --node_rank 0 and 1), resumed, both ranks' shards in the checkpoint (README "Multi-node").
+test-multinode: $(PY)
+	$(PY) -m pytest -q -m slow tests/test_multinode.py
 
 lint: $(PY)
 	$(VENV)/bin/ruff check dmd2 tests scripts benchmarks

@@ -3,8 +3,12 @@
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +35,53 @@ def run_cli(*args, ranks=1, timeout=600, fault=None, **env):
     extra = {"DMD2_FAULT": fault} if fault else {}
     return subprocess.run(cli_cmd(*args, ranks=ranks), cwd=REPO, env={**cli_env(**env), **extra},
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_node_cmds(hostfile: Path, port: int, *args) -> list[list[str]]:
+    """One deepspeed launcher per node, without ssh (what a scheduler such as SLURM starts on
+    each node): the same hostfile and master on both, only --node_rank differs."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    return [[str(launcher), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),
+             "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "dmd2", *map(str, args)]
+            for r in (0, 1)]
+
+
+def run_two_nodes(workdir: Path, *args, timeout=600, **env) -> list[tuple[int, str]]:
+    """``dmd2 *args`` as two nodes of one rank each on this machine: two launchers, each in its own
+    process group. Returns (exit status, output) per node; when a node fails, or at the timeout,
+    the other's whole process group is killed (a peer left waiting in a collective would hang)."""
+    hostfile = Path(workdir) / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # names need not resolve with --no_ssh
+    port = free_port()
+    procs, logs = [], []
+    try:
+        for cmd in two_node_cmds(hostfile, port, *args):
+            logs.append(tempfile.TemporaryFile("w+"))
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=cli_env(**env), stdout=logs[-1],
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    out = []
+    for p, log in zip(procs, logs, strict=True):
+        log.seek(0)
+        out.append((p.returncode, log.read()))
+        log.close()
+    return out
 
 
 def metrics(run: Path) -> list[dict]:
