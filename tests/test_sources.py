@@ -271,3 +271,17 @@ def test_cli_exit_status_2_for_a_pattern_matching_nothing(tiny_teacher, tmp_path
     line = cli_error("train", REPO / "recipes/tiny_sd15.yaml", f"model.teacher={tiny_teacher('sd15')}",
                      f"output_dir={tmp_path / 'run'}", f"data.real_images={pattern}")
     assert line == f"error: data.real_images: {str(pattern)!r} matches no files (e.g. {str(tmp_path / 'nothing/00000.tar')!r} does not exist)"
+
+
+def test_live_encoding_reads_the_same_batches(sd15, sources):
+    """data.cache=false: the step's real batch and its captions' conditioning come from read(k) too."""
+    def steps(name):
+        spec, extra = sources[name]
+        b = _batches(sd15, f"data.real_images={spec}", "data.cache=false", "data.generator_prompts=captions", *extra)
+        return [b(s, torch.Generator().manual_seed(s)) for s in range(2)]
+
+    ref = steps("folder")
+    for name in ("webdataset", "parquet_folder", "datasets"):
+        for a, b in zip(ref, steps(name), strict=True):
+            torch.testing.assert_close(a.real, b.real, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.cond["encoder_hidden_states"], b.cond["encoder_hidden_states"])
