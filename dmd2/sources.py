@@ -15,6 +15,7 @@ import io
 import json
 import tarfile
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,26 @@ def _files_fingerprint(files: list[Path]) -> list:
     return [[str(f.resolve()), *_stat(f)] for f in files]
 
 
+class _Items(Sequence):
+    """``items`` of a large source, made on access from compact columns (a caption list and a function
+    of the index for the name), so 500k items do not cost 500k RealItem and Path objects."""
+
+    def __init__(self, captions: list[str], name):
+        self.captions, self.name = captions, name
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return RealItem(self.name(k), caption=self.captions[k])
+
+
 # ---------------------------------------------------------------------------------------------
 # webdataset tar shards
 
@@ -132,15 +153,18 @@ class TarImages(ImageSource):
                  field: str = "data.real_images"):
         super().__init__(resolution, max_bad_fraction, field)
         self.root, self.shards = Path(spec), list(shards)
-        self.items: list[RealItem] = []
+        captions: list[str] = []
+        self._names: list[str] = []  # the image member of each item
         where: list[tuple[int, int, int]] = []
         for si, shard in enumerate(self.shards):
-            for item, offset, size in self._scan(shard):
-                self.items.append(item)
+            for name, caption, offset, size in self._scan(shard):
+                self._names.append(name)
+                captions.append(caption)
                 where.append((si, offset, size))
-        if not self.items:
+        if not captions:
             raise UserError(f"{field}: {str(spec)!r} holds no images (no tar member with an image extension)")
         self._where = np.asarray(where, dtype=np.int64)
+        self.items = _Items(captions, lambda k: self.shards[self._where[k, 0]] / self._names[k])
 
     def _scan(self, shard: Path):
         try:
@@ -161,8 +185,7 @@ class TarImages(ImageSource):
                     if image is None:
                         self.non_images.append(shard / key)
                         continue
-                    out.append((RealItem(shard / image.name, caption=self._caption(tf, parts)),
-                                image.offset_data, image.size))
+                    out.append((image.name, self._caption(tf, parts), image.offset_data, image.size))
                 return out
         except (tarfile.TarError, OSError) as e:
             raise UserError(f"{self.field}: cannot read the tar {str(shard)!r}: {e}") from None
@@ -190,8 +213,8 @@ class TarImages(ImageSource):
 
     def fingerprint(self) -> dict:
         h = hashlib.sha256()
-        for it in self.items:
-            h.update(json.dumps([str(it.path), it.caption]).encode())
+        for (si, _, _), name, caption in zip(self._where.tolist(), self._names, self.items.captions, strict=True):
+            h.update(json.dumps([si, name, caption]).encode())
         return {"webdataset": _files_fingerprint(self.shards), "items": len(self.items), "sha256": h.hexdigest()}
 
 
@@ -217,7 +240,8 @@ class _ParquetPart:
     def column(self, name: str):
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.path, columns=[name]).column(name)
+        # without pre-buffering: a caption column over thousands of row groups costs a fraction of the memory
+        return pq.ParquetFile(self.path, pre_buffer=False).read(columns=[name], use_threads=False).column(name)
 
     def group_of(self, row: int) -> tuple[int, int]:
         g = int(np.searchsorted(self.group_starts, row, side="right")) - 1
@@ -321,7 +345,7 @@ class TableImages(ImageSource):
         self.root, self.files = Path(spec), list(files)
         self.image_column, self.caption_column = image_column, caption_column
         self.parts = [_open_part(f, field) for f in self.files]
-        self.items: list[RealItem] = []
+        captions: list[str] = []
         for part in self.parts:
             _require(part, image_column, "data.image_column", field)
             t = part.schema.field(image_column).type
@@ -329,17 +353,25 @@ class TableImages(ImageSource):
                     or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)):
                 raise UserError(f"{field}: {str(part.path)!r}: column {image_column!r} (data.image_column) holds "
                                 f"{t}; expected image bytes or Hugging Face's image struct {{bytes, path}}")
-            captions = _strings(part, caption_column, "data.caption_column", field)
-            self.items += [RealItem(f"{part.path}:row {r}", caption=c or "") for r, c in enumerate(captions)]
-        if not self.items:
+            captions += [c or "" for c in _strings(part, caption_column, "data.caption_column", field)]
+        if not captions:
             raise UserError(f"{field}: {str(spec)!r} holds no rows")
         self._starts = np.cumsum([0, *(p.num_rows for p in self.parts)])
+        self.items = _Items(captions, self._name)
         self._groups: OrderedDict[tuple[int, int], object] = OrderedDict()
 
-    def _cell(self, k: int):
+    def _locate(self, k: int) -> tuple[int, int]:
         pi = int(np.searchsorted(self._starts, k, side="right")) - 1
+        return pi, k - int(self._starts[pi])
+
+    def _name(self, k: int) -> str:
+        pi, row = self._locate(k)
+        return f"{self.parts[pi].path}:row {row}"
+
+    def _cell(self, k: int):
+        pi, row = self._locate(k)
         part = self.parts[pi]
-        g, r = part.group_of(k - int(self._starts[pi]))
+        g, r = part.group_of(row)
         key = (pi, g)
         if key in self._groups:
             self._groups.move_to_end(key)
@@ -355,7 +387,7 @@ class TableImages(ImageSource):
 
     def fingerprint(self) -> dict:
         h = hashlib.sha256()
-        for it in self.items:
-            h.update(json.dumps(it.caption).encode())
+        for caption in self.items.captions:
+            h.update(json.dumps(caption).encode())
         return {"table": _files_fingerprint(self.files), "image_column": self.image_column,
                 "caption_column": self.caption_column, "items": len(self.items), "sha256": h.hexdigest()}

@@ -121,7 +121,7 @@ def test_every_format_reads_the_same_items(sources):
         for k in range(len(src)):
             assert torch.equal(src.read(k), images[k]), (name, k)
         batch, items = src.load([11, 0, 5])
-        assert torch.equal(batch, torch.stack([images[11], images[0], images[5]])) and items[0] is src.items[11]
+        assert torch.equal(batch, torch.stack([images[11], images[0], images[5]])) and items[0] == src.items[11]
         src.probe()
         fp = src.fingerprint()
         assert fp["items"] == 12 and fp == _open(spec, extra).fingerprint(), name
