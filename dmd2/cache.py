@@ -78,11 +78,10 @@ def teacher_fingerprint(source: str, config_source: str | None = None) -> dict:
 
 
 def real_images_fingerprint(real) -> dict:
-    """The items of a RealImages folder (paths, captions, labels) and each file's size and time."""
-    h = hashlib.sha256()
-    for it in real.items:
-        h.update(json.dumps([str(it.path), it.caption, it.label, *_stat(it.path)]).encode())
-    return {"root": str(real.root.resolve()), "items": len(real.items), "sha256": h.hexdigest()}
+    """What identifies a data.real_images source cheaply: its ``fingerprint()`` (a folder: the items'
+    paths, captions, labels and each file's size and time; tars, tables: the files' sizes and times
+    and the items' names and captions)."""
+    return real.fingerprint()
 
 
 def cache_key(inputs: dict) -> str:
@@ -361,13 +360,13 @@ def open_source(cfg, teacher, conditioner, vae, *, prompts, real, resolution: in
     """The cache for this teacher, resolution, prompts file and image folder, built first if needed
     (collective: ranks share the build); the text encoders then leave the accelerator, as nothing
     encodes text any more. ``full_verify``: re-hash every chunk of a complete cache (prepare)."""
-    from .files import sha256_file
+    from .data import prompts_fingerprint
     from .models import vae as vae_io
 
     text = conditioner.text
     inputs = {"teacher": teacher_fingerprint(teacher.source, teacher.config_source), "family": teacher.family,
               "resolution": resolution,
-              "prompts": sha256_file(cfg.prompts) if prompts is not None else None,
+              "prompts": prompts_fingerprint(cfg.prompts, cfg.caption_column) if prompts is not None else None,
               "real_images": real_images_fingerprint(real) if real is not None else None}
     builder = Builder(prompts, real, conditioner.encode_prompts if text else None,
                       lambda images: vae_io.encode(vae, images.to(device)),

@@ -236,10 +236,19 @@ class TrainConfig(_Section):
 
 
 class DataConfig(_Section):
-    # .txt, one prompt per line, or .jsonl with a "prompt", "caption" or "text" key.
+    # .txt, one prompt per line; .jsonl with a "prompt", "caption" or "text" key; a .parquet file or
+    # a folder of them, or a Hugging Face `datasets` save_to_disk folder (column data.caption_column).
     prompts: str | None = Field(None, min_length=1)
-    # A folder of images + captions.jsonl, or class sub-folders (class-conditional).
+    # A folder of images + captions.jsonl; class sub-folders (class-conditional teachers: the only
+    # form they take); webdataset tar shards as img2dataset writes them: a .tar, a brace pattern
+    # ("shards/{00000..00099}.tar") or a folder of .tar files (captions from each sample's .txt or
+    # .json); parquet: a .parquet file, a pattern or a folder of them; a Hugging Face `datasets`
+    # save_to_disk folder. Tables (parquet, datasets) need pyarrow: pip install "dmd2[data]".
     real_images: str | None = Field(None, min_length=1)
+    # The columns of a parquet / datasets source: the image (raw bytes, or Hugging Face's image
+    # struct {bytes, path}) and its caption (text; also the prompts' column in data.prompts).
+    image_column: str = Field("image", min_length=1)
+    caption_column: str = Field("text", min_length=1)
     max_bad_fraction: Float = Field(0.1, ge=0, le=1)
     # Where the generator's prompts come from: data.prompts, or "captions": the captions of the
     # step's real-image batch (what the authors do in multi-step mode; docs/algorithm.md §3).

@@ -9,6 +9,7 @@ therefore replays the same data with nothing to restore.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,14 @@ def _text_of(record: dict) -> str | None:
     return None
 
 
-def load_prompts(path: str | Path, field: str = "data.prompts") -> list[str]:
-    """Prompts from a .txt (one per line) or a .jsonl (a "prompt", "caption" or "text" key)."""
+def load_prompts(path: str | Path, field: str = "data.prompts", caption_column: str = "text") -> list[str]:
+    """Prompts from a .txt (one per line), a .jsonl (a "prompt", "caption" or "text" key), or a table:
+    a .parquet file, a folder of them, or a Hugging Face ``datasets`` folder (its ``caption_column``)."""
     p = Path(path)
+    if p.is_dir() or p.suffix == ".parquet":
+        from .sources import table_prompts
+
+        return table_prompts(p, field, caption_column)
     if not p.is_file():
         raise UserError(f"{field}: {str(p)!r} does not exist")
     try:
@@ -58,6 +64,22 @@ def load_prompts(path: str | Path, field: str = "data.prompts") -> list[str]:
     return prompts
 
 
+def prompts_fingerprint(path: str | Path, caption_column: str = "text") -> str:
+    """What identifies the prompts (the conditioning cache's key): a .txt/.jsonl file's sha256; for a
+    table (parquet, ``datasets`` folder), a sha256 over its data files' names, sizes and times and
+    the column read (tables may hold gigabytes of images too)."""
+    p = Path(path)
+    if p.is_dir() or p.suffix == ".parquet":
+        from .sources import table_files
+
+        files = [f for f, _ in table_files(p, "data.prompts")]
+        blob = json.dumps({"files": [[str(f.resolve()), *_stat(f)] for f in files], "column": caption_column})
+        return hashlib.sha256(blob.encode()).hexdigest()
+    from .files import sha256_file
+
+    return sha256_file(p)
+
+
 @functools.lru_cache(maxsize=8)
 def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     # computed once per epoch, not once per sample (32 permutations of COCO's 118k per step cost ~0.1 s)
@@ -81,8 +103,17 @@ class RealItem:
     label: int | None = None
 
 
-def _load_image(path: Path, resolution: int) -> torch.Tensor:
-    """RGB, shorter side resized to ``resolution``, centre-cropped, scaled to [-1, 1]: 3 x R x R."""
+def _stat(path: Path) -> list:
+    try:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [-1, -1]
+
+
+def _load_image(path, resolution: int) -> torch.Tensor:
+    """RGB, shorter side resized to ``resolution``, centre-cropped, scaled to [-1, 1]: 3 x R x R.
+    ``path``: a file path or a binary file object (an image's bytes in a tar or a table)."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -107,20 +138,78 @@ def _build_hint(root: Path) -> str:
     return f"; build it with `{cmd}` (make demo builds it too)" if cmd else ""
 
 
-class RealImages:
-    """A folder of images with captions.jsonl ({"file_name", "text"}), or class sub-folders.
+class ImageSource:
+    """What every ``data.real_images`` source offers: ``items`` (RealItem: caption, label, and a
+    ``path`` that names the sample in messages), ``read(k)``, ``load(indices)``, ``probe()``,
+    ``fingerprint()``, ``root``, ``bad`` (indices found unreadable) and ``non_images`` (entries
+    ignored, for a warning).
 
-    Unreadable files (corrupt, empty, an unsupported mode, not an image) are skipped (the next
+    Unreadable images (corrupt, empty, an unsupported mode, not an image) are skipped (the next
     item is taken) and counted; more than ``max_bad_fraction`` of the items being bad stops
-    training with a message. Files without an image extension in class folders are counted too.
+    training with a message.
     """
+
+    root: Path
+    items: list[RealItem]
+
+    def __init__(self, resolution: int, max_bad_fraction: float, field: str):
+        self.resolution, self.max_bad_fraction, self.field = resolution, max_bad_fraction, field
+        self.bad: set[int] = set()
+        self.non_images: list[Path] = []
+
+    def read(self, k: int) -> torch.Tensor:
+        """Item k's image, 3 x R x R in [-1, 1]; raises OSError/ValueError/SyntaxError if unreadable."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """What identifies the items cheaply (the conditioning cache's key): no image is read."""
+        raise NotImplementedError
+
+    def probe(self, n: int = 16) -> None:
+        """Open up to n evenly spread images at start-up, so that a source of unreadable files is
+        refused before anything is written (the rest are checked as they are used)."""
+        m = min(n, len(self.items))
+        picks = sorted({round(i * (len(self.items) - 1) / max(m - 1, 1)) for i in range(m)})
+        bad = []
+        for k in picks:
+            try:
+                self.read(k)
+            except (OSError, ValueError, SyntaxError):
+                bad.append(self.items[k].path)
+        if len(bad) > self.max_bad_fraction * len(picks):
+            raise UserError(f"{self.field}: {len(bad)} of {len(picks)} images probed are unreadable "
+                            f"(e.g. {str(bad[0])!r}); more than data.max_bad_fraction={self.max_bad_fraction}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, indices: list[int]) -> tuple[torch.Tensor, list[RealItem]]:
+        """Images B x 3 x R x R in [-1, 1]; a bad file is replaced by the next good item."""
+        images, items = [], []
+        for i in indices:
+            for j in range(len(self.items)):
+                k = (i + j) % len(self.items)
+                try:
+                    images.append(self.read(k))
+                    items.append(self.items[k])
+                    break
+                except (OSError, ValueError, SyntaxError):
+                    self.bad.add(k)
+                    if len(self.bad) > self.max_bad_fraction * len(self.items):
+                        raise UserError(f"{self.field}: {len(self.bad)} of {len(self.items)} images are unreadable "
+                                        f"(e.g. {str(self.items[k].path)!r}); more than data.max_bad_fraction="
+                                        f"{self.max_bad_fraction}") from None
+        return torch.stack(images), items
+
+
+class RealImages(ImageSource):
+    """A folder of images with captions.jsonl ({"file_name", "text"}), or class sub-folders.
+    Files without an image extension in class folders are counted in ``non_images``."""
 
     def __init__(self, root: str | Path, resolution: int, *, labelled: bool, num_classes: int | None = None,
                  max_bad_fraction: float = 0.1, field: str = "data.real_images"):
-        self.root, self.resolution, self.field = Path(root), resolution, field
-        self.max_bad_fraction = max_bad_fraction
-        self.bad: set[int] = set()
-        self.non_images: list[Path] = []
+        super().__init__(resolution, max_bad_fraction, field)
+        self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"{field}: {str(self.root)!r} is not a folder{_build_hint(self.root)}")
         self.items = self._scan_labelled(num_classes) if labelled else self._scan_captioned()
@@ -131,7 +220,7 @@ class RealImages:
         meta = next((self.root / n for n in CAPTION_FILES if (self.root / n).is_file()), None)
         if meta is None:
             raise UserError(f"{self.field}: {str(self.root)!r} needs a captions.jsonl "
-                            '(one {"file_name": ..., "text": ...} per line)')
+                            '(one {"file_name": ..., "text": ...} per line), or webdataset .tar or .parquet files')
         items = []
         for i, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -158,45 +247,48 @@ class RealImages:
                     self.non_images.append(f)
         return items
 
-    def probe(self, n: int = 16) -> None:
-        """Open up to n evenly spread images at start-up, so that a folder of unreadable files is
-        refused before anything is written (the rest are checked as they are used)."""
-        m = min(n, len(self.items))
-        picks = sorted({round(i * (len(self.items) - 1) / max(m - 1, 1)) for i in range(m)})
-        bad = []
-        for k in picks:
-            try:
-                _load_image(self.items[k].path, self.resolution)
-            except (OSError, ValueError, SyntaxError):
-                bad.append(self.items[k].path)
-        if len(bad) > self.max_bad_fraction * len(picks):
-            raise UserError(f"{self.field}: {len(bad)} of {len(picks)} images probed are unreadable "
-                            f"(e.g. {str(bad[0])!r}); more than data.max_bad_fraction={self.max_bad_fraction}")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
     def read(self, k: int) -> torch.Tensor:
-        """Item k's image, 3 x R x R in [-1, 1]; raises OSError/ValueError/SyntaxError if unreadable."""
         return _load_image(self.items[k].path, self.resolution)
 
-    def load(self, indices: list[int]) -> tuple[torch.Tensor, list[RealItem]]:
-        """Images B x 3 x R x R in [-1, 1]; a bad file is replaced by the next good item."""
-        images, items = [], []
-        for i in indices:
-            for j in range(len(self.items)):
-                k = (i + j) % len(self.items)
-                try:
-                    images.append(_load_image(self.items[k].path, self.resolution))
-                    items.append(self.items[k])
-                    break
-                except (OSError, ValueError, SyntaxError):
-                    self.bad.add(k)
-                    if len(self.bad) > self.max_bad_fraction * len(self.items):
-                        raise UserError(f"{self.field}: {len(self.bad)} of {len(self.items)} images are unreadable "
-                                        f"(e.g. {str(self.items[k].path)!r}); more than data.max_bad_fraction="
-                                        f"{self.max_bad_fraction}") from None
-        return torch.stack(images), items
+    def fingerprint(self) -> dict:
+        """The items (paths, captions, labels) and each file's size and time."""
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(json.dumps([str(it.path), it.caption, it.label, *_stat(it.path)]).encode())
+        return {"root": str(self.root.resolve()), "items": len(self.items), "sha256": h.hexdigest()}
+
+
+def open_real_images(source, resolution: int, *, labelled: bool, num_classes: int | None = None,
+                     max_bad_fraction: float | None = None, image_column: str | None = None,
+                     caption_column: str | None = None, field: str = "data.real_images") -> ImageSource:
+    """The ``data.real_images`` source ``source`` names: a DataConfig (its real_images, max_bad_fraction,
+    image_column and caption_column; keywords given here win) or a path. Accepted: a folder with
+    captions.jsonl, or class sub-folders (class-conditional teachers: the only form they take);
+    webdataset tar shards (a .tar, a brace pattern such as ``shards/{00000..00099}.tar``, or a folder
+    of .tar files); parquet (a .parquet file, a pattern of them, or a folder of them); a Hugging Face
+    ``datasets`` ``save_to_disk`` folder."""
+    if hasattr(source, "real_images"):
+        cfg, source = source, source.real_images
+        max_bad_fraction = cfg.max_bad_fraction if max_bad_fraction is None else max_bad_fraction
+        image_column = cfg.image_column if image_column is None else image_column
+        caption_column = cfg.caption_column if caption_column is None else caption_column
+    max_bad_fraction = 0.1 if max_bad_fraction is None else max_bad_fraction
+    image_column, caption_column = image_column or "image", caption_column or "text"
+    from .sources import source_kind
+
+    kind, files = source_kind(str(source), field)
+    if kind == "folder":
+        return RealImages(source, resolution, labelled=labelled, num_classes=num_classes,
+                          max_bad_fraction=max_bad_fraction, field=field)
+    if labelled:
+        raise UserError(f"{field}: {str(source)!r} is a {kind} source; a class-conditional teacher reads a folder "
+                        "of class sub-folders (one per label)")
+    from .sources import TableImages, TarImages
+
+    if kind == "webdataset":
+        return TarImages(source, files, resolution, max_bad_fraction=max_bad_fraction, field=field)
+    return TableImages(source, files, resolution, image_column=image_column, caption_column=caption_column,
+                       max_bad_fraction=max_bad_fraction, field=field)
 
 
 @dataclass
@@ -217,7 +309,7 @@ class LiveConditioning:
     ``real(idx)``: (latents, caption conditioning or {}, the items used: an unreadable image is
     replaced by the next readable one)."""
 
-    def __init__(self, prompts: list[str] | None, real: RealImages | None, conditioner, vae, device):
+    def __init__(self, prompts: list[str] | None, real: ImageSource | None, conditioner, vae, device):
         self.prompt_list, self.real_images, self.conditioner, self.vae = prompts, real, conditioner, vae
         self.device = device
 
@@ -241,7 +333,7 @@ class Batches:
     class labels) for the generator, the unconditional embedding when the teacher uses CFG, and
     real images with their captions (or labels) for the GAN, from one conditioning source."""
 
-    def __init__(self, source, conditioner, *, prompts: list[str] | None, real: RealImages | None, shape,
+    def __init__(self, source, conditioner, *, prompts: list[str] | None, real: ImageSource | None, shape,
                  cfg: bool, seed: int, rank: int, world: int, captions: bool = False):
         self.source, self.conditioner, self.prompts, self.real = source, conditioner, prompts, real
         self.shape, self.cfg, self.seed, self.rank, self.world = tuple(shape), cfg, seed, rank, world
@@ -294,12 +386,13 @@ def build_batches(cfg, teacher, *, resolution: int, batch_size: int, seed: int, 
     prompts = None
     if teacher.family != "classcond" and not (captions and cfg.prompts is None):
         if cfg.prompts is None:
-            raise UserError(f"data.prompts: a {teacher.family} teacher needs prompts (a .txt or .jsonl file)")
-        prompts = load_prompts(cfg.prompts)
+            raise UserError(f"data.prompts: a {teacher.family} teacher needs prompts (a .txt or .jsonl file, "
+                            "parquet or a datasets folder)")
+        prompts = load_prompts(cfg.prompts, caption_column=cfg.caption_column)
     real = None
     if cfg.real_images is not None:
-        real = RealImages(cfg.real_images, resolution, labelled=teacher.family == "classcond",
-                          num_classes=teacher.num_classes, max_bad_fraction=cfg.max_bad_fraction)
+        real = open_real_images(cfg, resolution, labelled=teacher.family == "classcond",
+                                num_classes=teacher.num_classes)
         real.probe()
     conditioner = Conditioner(teacher, resolution, device)
     vae = teacher.vae.to(device) if teacher.vae is not None else None

@@ -108,7 +108,7 @@ def draw_pairs(recipe, out: str | Path, *, num_pairs: int, steps: int = 50, shar
     if cond.text:
         if recipe.data.prompts is None:
             raise UserError("data.prompts: ode-pairs draws the teacher's images for these prompts; set it")
-        prompts = load_prompts(recipe.data.prompts)
+        prompts = load_prompts(recipe.data.prompts, caption_column=recipe.data.caption_column)
         order = np.random.default_rng([recipe.train.seed, 11]).permutation(len(prompts))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
