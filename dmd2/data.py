@@ -40,7 +40,7 @@ def load_prompts(path: str | Path, field: str = "data.prompts", caption_column: 
 
         return table_prompts(p, field, caption_column)
     if not p.is_file():
-        raise UserError(f"{field}: {str(p)!r} does not exist")
+        raise UserError(f"{field}: {str(p)!r} does not exist{_build_hint(p)}")
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -131,11 +131,14 @@ def _load_image(path, resolution: int) -> torch.Tensor:
 
 
 def _build_hint(root: Path) -> str:
-    """For a folder the repository's own recipes expect (the digits), the command that builds it."""
+    """For a missing data path: the command that builds it when it is the digits the repository's
+    own recipes expect, else where the README's data section says how to make the real ones."""
     from .digits.data import build_command
 
     cmd = build_command(root)
-    return f"; build it with `{cmd}` (make demo builds it too)" if cmd else ""
+    if cmd:
+        return f"; build it with `{cmd}` (make demo builds it too)"
+    return "; docs/data.md says how to make COCO-2014 prompts and a LAION-style image set"
 
 
 class ImageSource:

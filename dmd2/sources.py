@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import CAPTION_FILES, IMAGE_EXTS, ImageSource, RealItem, _load_image, _stat, _text_of
+from .data import CAPTION_FILES, IMAGE_EXTS, ImageSource, RealItem, _build_hint, _load_image, _stat, _text_of
 from .errors import UserError
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTS)
@@ -82,7 +82,8 @@ def source_kind(spec: str, field: str = "data.real_images") -> tuple[str, list[P
         files = [Path(p).expanduser() for p in paths]
         found = [f for f in files if f.is_file()]
         if not found:
-            raise UserError(f"{field}: {spec!r} matches no files (e.g. {str(files[0])!r} does not exist)")
+            raise UserError(f"{field}: {spec!r} matches no files (e.g. {str(files[0])!r} does not exist)"
+                            f"{_build_hint(files[0])}")
         if len(found) < len(files):
             missing = [f for f in files if not f.is_file()]
             raise UserError(f"{field}: {spec!r}: {len(missing)} of its {len(files)} files do not exist "
@@ -107,7 +108,7 @@ def source_kind(spec: str, field: str = "data.real_images") -> tuple[str, list[P
         return "folder", []
     if p.suffix.lower() in (".tar", ".parquet"):
         if not p.is_file():
-            raise UserError(f"{field}: {spec!r} does not exist")
+            raise UserError(f"{field}: {spec!r} does not exist{_build_hint(p)}")
         return ("webdataset" if p.suffix.lower() == ".tar" else "parquet"), [p]
     if p.is_file():
         raise UserError(f"{field}: {spec!r} is a file; expected a folder (captions.jsonl, class sub-folders, "

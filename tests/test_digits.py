@@ -153,6 +153,6 @@ def test_missing_digits_folder_names_the_command_that_builds_it(tmp_path, monkey
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
     assert len(RealImages(missing, 8, labelled=True, num_classes=10).items) == 1437
-    # other missing folders get no digits hint
-    with pytest.raises(UserError, match=r"is not a folder$"):
+    # other missing folders get no digits hint, but where to read about the real data
+    with pytest.raises(UserError, match=r"is not a folder; docs/data.md says how to make COCO-2014 prompts"):
         RealImages(tmp_path / "photos", 8, labelled=True, num_classes=10)

@@ -93,3 +93,35 @@ def test_prepare_refuses_what_it_cannot_prepare(tiny_teacher, tmp_path):
     assert "data.cache" in msg and "nothing to prepare" in msg
     msg = cli_error("prepare", REPO / "recipes/tiny_sd15.yaml", f"model.teacher={tmp_path / 'absent'}")
     assert "model.teacher" in msg and "does not exist" in msg
+
+
+def test_coco2014_script_builds_prompts_and_a_reference_folder(tmp_path):
+    """scripts/coco2014.py (docs/data.md) on a COCO-format annotations file: seeded picks, one
+    caption per image, centre-cropped references that data.real_images and data.prompts read."""
+    import importlib.util
+
+    from PIL import Image
+
+    from dmd2.data import load_prompts, open_real_images
+
+    spec = importlib.util.spec_from_file_location("coco2014", REPO / "scripts/coco2014.py")
+    coco = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(coco)
+    (tmp_path / "val2014").mkdir()
+    images, annotations = [], []
+    for i in range(6):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.new("RGB", (40 + 8 * i, 30), (40 * i, 0, 0)).save(tmp_path / "val2014" / name)
+        images.append({"id": i, "file_name": name})
+        annotations += [{"image_id": i, "caption": f"picture {i}  caption {c}"} for c in range(3)]
+    ann = tmp_path / "captions_val2014.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations}))
+    a = coco.build(ann, tmp_path / "val2014", tmp_path / "a", num=4, res=16)
+    b = coco.build(ann, tmp_path / "val2014", tmp_path / "b", num=4, res=16)
+    assert (a / "captions.jsonl").read_text() == (b / "captions.jsonl").read_text()
+    prompts = load_prompts(a / "captions.txt")
+    assert len(prompts) == 4 and all(p.startswith("picture ") and "  " not in p for p in prompts)
+    real = open_real_images(str(a), 16, labelled=False)
+    assert [it.caption for it in real.items] == prompts and tuple(real.read(0).shape) == (3, 16, 16)
+    with pytest.raises(SystemExit, match="exists"):
+        coco.build(ann, tmp_path / "val2014", a, num=4, res=16)

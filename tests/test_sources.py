@@ -270,7 +270,8 @@ def test_cli_exit_status_2_for_a_pattern_matching_nothing(tiny_teacher, tmp_path
     pattern = tmp_path / "nothing/{00000..00009}.tar"
     line = cli_error("train", REPO / "recipes/tiny_sd15.yaml", f"model.teacher={tiny_teacher('sd15')}",
                      f"output_dir={tmp_path / 'run'}", f"data.real_images={pattern}")
-    assert line == f"error: data.real_images: {str(pattern)!r} matches no files (e.g. {str(tmp_path / 'nothing/00000.tar')!r} does not exist)"
+    assert line == f"error: data.real_images: {str(pattern)!r} matches no files (e.g. {str(tmp_path / 'nothing/00000.tar')!r} does not exist)" \
+        "; docs/data.md says how to make COCO-2014 prompts and a LAION-style image set"
 
 
 def test_live_encoding_reads_the_same_batches(sd15, sources):
