@@ -98,13 +98,14 @@ def prepare(
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     local_rank: int = typer.Option(-1, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
-    """Build the recipe's conditioning cache before training: prompt embeddings, the unconditional
-    embedding, real-image latents and their caption embeddings.
+    """Build the recipe's conditioning cache before training (docs/data.md).
 
-    `dmd2 train` with the same recipe and overrides then starts without encoding anything. Re-run
-    to finish a killed build (finished chunks are verified by sha256 and kept) or to re-verify a
-    complete cache. For N ranks: deepspeed --num_gpus N --module dmd2 prepare RECIPE (each rank
-    encodes its share). The cache lives in $DMD2_CACHE_DIR (default ~/.cache/dmd2/conditioning).
+    Prompt and caption embeddings, the unconditional embedding and the real
+    images' latents; `dmd2 train` with the same overrides then encodes nothing.
+
+    Re-run it to finish a killed build (finished chunks are verified and kept)
+    or to re-verify a complete cache. For N ranks:
+    deepspeed --num_gpus N --module dmd2 prepare RECIPE
     """
     from .config import RecipeError, load_recipe
 
