@@ -101,6 +101,7 @@ def _feature_net(path):
     return path
 
 
+@pytest.mark.slow  # 35-45 s: keeps the default suite under 15 minutes (make test-all runs it)
 def test_regression_stage_lowers_its_loss_and_is_a_run_like_any_other(tmp_path, pairs):
     teacher, folder = pairs
     run = tmp_path / "reg"
