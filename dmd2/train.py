@@ -73,6 +73,46 @@ def check_resume_compatible(run_dir: Path, recipe: Recipe) -> None:
                             f"or a new output_dir")
 
 
+# What shapes the two engines' parameters and saved state: a checkpoint made under other values
+# cannot be loaded into these engines (DeepSpeed fails deep inside with a size or key error).
+ENGINE_SHAPING = ("model.family", "model.lora.", "loss.gan.enabled", "loss.gan.feature_layer", "train.resolution",
+                  "train.ema_decay")
+
+
+def check_resume_from_fits(recipe: Recipe) -> None:
+    """``train.resume_from`` names a checkpoint of another run folder: its recipe must agree on what
+    shapes the engines, else a one-line error (before anything loads) naming the setting and the
+    warm starts that take weights across such changes."""
+    import yaml
+
+    if not recipe.train.resume_from:
+        return
+    ckpt = Path(recipe.train.resume_from)
+    saved = ckpt.parent.parent / "recipe.yaml"
+    if ckpt.is_dir() and not (ckpt / "COMMITTED").is_file() and checkpoint.latest(ckpt) is not None:
+        raise UserError(f"train.resume_from: {ckpt} is a run folder; name one of its checkpoints, e.g. "
+                        f"{checkpoint.latest(ckpt)}")
+    if not saved.is_file():
+        return  # a checkpoint moved out of its run folder: DeepSpeed's own checks apply
+    try:
+        old = _flat(Recipe.model_validate(yaml.safe_load(saved.read_text())).model_dump(mode="json"))
+    except ValueError:
+        return
+    new = _flat(recipe.model_dump(mode="json"))
+    stage = {k: "the regression stage" if d.get("regression") is not None or any(x.startswith("regression.") for x in d)
+             else "DMD2" for k, d in (("old", old), ("new", new))}
+    if stage["old"] != stage["new"]:
+        raise UserError(f"train.resume_from: {ckpt} is a checkpoint of {stage['old']}, this recipe is {stage['new']} "
+                        "(other engines); to start from its generator use model.generator_init")
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(ENGINE_SHAPING) and old.get(key) != new.get(key):
+            if key == "train.ema_decay" and (old.get(key, 0) > 0) == (new.get(key, 0) > 0):
+                continue  # only whether an EMA is kept changes what a checkpoint holds
+            raise UserError(f"train.resume_from: {ckpt} was trained with {key}={old.get(key)!r}, this recipe has "
+                            f"{new.get(key)!r}; resuming needs the same engines. To start from its weights under "
+                            "new settings, use model.generator_init / model.critic_init (fresh optimizers)")
+
+
 class TrainingStopped(Exception):
     """Training cannot go on (non-finite values, a lost rank); str(e) is one line. Exit status 1."""
 
@@ -123,6 +163,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     # folder is written only after this.
     run_dir = Path(recipe.output_dir)
     check_resume_compatible(run_dir, recipe)
+    check_resume_from_fits(recipe)
     device = engines.device()
     m = recipe.model
     with phase(f"teacher loaded: {m.teacher}"):

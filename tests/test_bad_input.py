@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, cli_error, run_cli
 from pydantic import BaseModel
 
 from dmd2.config import Recipe, RecipeError, load_recipe
@@ -182,3 +182,14 @@ def test_resume_with_a_different_teacher_or_recipe(sd15, tiny_teacher, tmp_path)
                      "train.max_steps=2", "optim.generator.lr=0.1")
     assert "optim.generator.lr" in msg
     assert (run / "recipe.yaml").read_text() == before  # nothing overwritten
+    # a checkpoint of this run named by train.resume_from from a new folder: the engines must be shaped alike
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    common = ("train", REPO / "recipes/tiny_sd15.yaml", f"model.teacher={sd15}", f"train.resume_from={ckpt}")
+    msg = cli_error(*common, f"output_dir={tmp_path / 'nogan'}", "loss.gan.enabled=false")
+    assert f"{ckpt} was trained with loss.gan.enabled=True, this recipe has False" in msg and "generator_init" in msg
+    msg = cli_error(*common, f"output_dir={tmp_path / 'lora'}", "model.lora.enabled=true")
+    assert "model.lora.enabled=False" in msg
+    msg = cli_error("train", REPO / "recipes/tiny_sd15.yaml", f"model.teacher={sd15}", f"train.resume_from={run}",
+                    f"output_dir={tmp_path / 'x'}")
+    assert "is a run folder; name one of its checkpoints" in msg and str(ckpt) in msg
+    assert not (tmp_path / "nogan").exists() and not (tmp_path / "lora").exists()
