@@ -7,6 +7,7 @@ Both are read into the plain modules before the engines wrap them (the generator
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,10 +18,40 @@ from .errors import UserError
 
 def generator_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
     """The full UNet weights a student samples with (EMA when the run kept one, LoRA merged), and
-    a description for the log. Through the one student loader, so any run or export works."""
-    from .models.student import load_student, quiet
+    a description for the log.
 
+    A full fine-tuning run's checkpoint and a UNet or pipeline export are read directly: the
+    weights are all there, and loading the source's whole teacher beside this run's would hold a
+    second copy of its encoders and UNet (10+ GB at SDXL size). A LoRA run or a LoRA export needs
+    its base UNet to merge into, so it goes through the one student loader."""
+    from .models.student import EXPORT_META, is_export, load_student, quiet, read_export_meta
+
+    path = Path(source)
     try:
+        if (path / "recipe.yaml").is_file() and not is_export(path):
+            from .config import RecipeError, load_recipe
+
+            try:
+                recipe = load_recipe(path / "recipe.yaml")
+            except RecipeError as e:
+                raise UserError(str(e)) from None
+            if not recipe.model.lora.enabled:
+                ckpt = checkpoint.latest(path)
+                if ckpt is None:
+                    raise UserError(f"{path}: no committed checkpoint in {path / 'checkpoints'} (train it first)")
+                with quiet():
+                    weights = checkpoint.consolidated_generator(ckpt, ema=recipe.train.ema_decay > 0)
+                return weights, f"generator from {source} at step {checkpoint.read_state(ckpt)['step']}"
+        elif is_export(path) and read_export_meta(path).get("format") != "lora" and (path / "unet").is_dir():
+            from diffusers import UNet2DConditionModel, UNet2DModel
+
+            meta = read_export_meta(path)
+            cls_name = json.loads((path / "unet" / "config.json").read_text()).get("_class_name")
+            cls = UNet2DModel if cls_name == "UNet2DModel" else UNet2DConditionModel
+            with quiet():
+                unet = cls.from_pretrained(path, subfolder="unet")
+            at = f" at step {meta['step']}" if meta.get("step") is not None else ""
+            return {k: v.float() for k, v in unet.state_dict().items()}, f"generator from {source}{at} ({EXPORT_META})"
         with quiet():
             student = load_student(source, "cpu")
     except UserError as e:

@@ -28,19 +28,30 @@ def _inputs(teacher):
     return t, x, torch.tensor([999, 999]), cond
 
 
-def test_generator_init_starts_where_the_source_run_ended(source_run):
+def test_generator_init_starts_where_the_source_run_ended(source_run, tmp_path, monkeypatch):
     """The warm generator's first output is the source run's student output, not the teacher's;
-    the fake score and GAN head are the source run's trained ones."""
+    the fake score and GAN head are the source run's trained ones. A full run's or a pipeline
+    export's weights are read without loading the source's teacher (a second UNet and encoders)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    import dmd2.models.student as student_mod
     from dmd2 import checkpoint, warmstart
+    from dmd2.export import export
     from dmd2.models.roles import build_roles
     from dmd2.models.student import load_student
 
     teacher_dir, run = source_run
     teacher, x, t, cond = _inputs(teacher_dir)
-    weights = warmstart.generator_weights(str(run))
-    assert "at step 2" in weights[1]
+    export(run, tmp_path / "export", pipeline=True)
+    with monkeypatch.context() as m:
+        m.setattr(student_mod, "teacher_of", lambda *a: pytest.fail("the source's teacher was loaded"))
+        m.setattr(student_mod, "load_teacher", lambda *a: pytest.fail("the source's teacher was loaded"))
+        weights = warmstart.generator_weights(str(run))
+        exported = warmstart.generator_weights(str(tmp_path / "export"))
+    assert "at step 2" in weights[1] and "at step 2" in exported[1]
+    reference = load_student(run).parts.unet.state_dict()
+    assert set(weights[0]) == set(reference) == set(exported[0])
+    assert all(torch.equal(weights[0][k], reference[k]) and torch.equal(exported[0][k], reference[k]) for k in reference)
     gen, critic = build_roles(teacher, gan=True, resolution=32, seed=0, gradient_checkpointing=False,
                               generator_init=weights)
     student = load_student(run)
