@@ -114,7 +114,8 @@ class RunLogger:
         # The console line's generator losses: the mean over the generator steps since the last
         # printed line. With train.update_ratio 5 and log_every 10 no printed step is a generator
         # step, so the printed step's own losses would never show the generator.
-        ratio = int(recipe.get("train", {}).get("update_ratio", 1))
+        # (the regression stage updates the generator every step, whatever update_ratio says)
+        ratio = 1 if recipe.get("regression") else int(recipe.get("train", {}).get("update_ratio", 1))
         self.gen_updates = -(-start_step // ratio)  # generator steps are the 0-based steps % ratio == 0
         self.gen_window: list[dict[str, float]] = []
         self.gen_last: tuple[int, dict[str, float]] | None = None

@@ -149,3 +149,15 @@ def test_regression_input_errors_are_one_line(tmp_path, pairs):
     for extra, expected in cases:  # in-process: the train command's checks, before any engine starts
         assert expected in cli_error("train", *base, *extra, f"output_dir={tmp_path / 'run'}")
     assert not (tmp_path / "run").exists()
+
+
+def test_resumed_regression_run_counts_every_step_as_a_generator_update(tmp_path):
+    """The console's "gen updates" after a resume at step 10: every step in the regression stage,
+    every update_ratio-th step in DMD2."""
+    from dmd2.config import LoggingConfig
+    from dmd2.logs import RunLogger
+
+    recipe = {"train": {"update_ratio": 5}, "regression": None}
+    assert RunLogger(tmp_path, LoggingConfig(), rank=1, max_steps=20, start_step=10, recipe=recipe).gen_updates == 2
+    recipe["regression"] = {"pairs": "pairs", "loss": "mse"}
+    assert RunLogger(tmp_path, LoggingConfig(), rank=1, max_steps=20, start_step=10, recipe=recipe).gen_updates == 10
