@@ -505,8 +505,6 @@ def evaluate_all(run: str | Path, *, watch: bool = False, poll_s: float = 60.0, 
     A checkpoint that train.keep_last rotates away while it is scored is skipped with one line (the
     loader fails, and its COMMITTED marker, which rotation removes first, is gone). Returns the rows.
     """
-    from . import checkpoint
-    from .config import RecipeError, load_recipe
 
     run = Path(run)
     if is_export(run) or not (run / "recipe.yaml").is_file():
@@ -519,6 +517,18 @@ def evaluate_all(run: str | Path, *, watch: bool = False, poll_s: float = 60.0, 
     folder = run / EVAL_DIR
     if kwargs.get("images_dir") is None:
         kwargs["images_dir"] = folder / "images"
+    from .runlock import RunLock
+
+    # one evaluator per run: two would score the same checkpoints and write their rows twice
+    with RunLock(folder, holder="dmd2 eval --all-checkpoints", field=str(run), instead=""):
+        return _evaluate_all(run, folder, watch, poll_s, echo, kwargs)
+
+
+def _evaluate_all(run: Path, folder: Path, watch: bool, poll_s: float, echo: Callable[[str], None],
+                  kwargs: dict) -> list[dict]:
+    from . import checkpoint
+    from .config import RecipeError, load_recipe
+
     while True:
         done = {r["step"] for r in eval_rows(run)}
         for ckpt in checkpoint.committed(run):

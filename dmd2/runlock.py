@@ -40,8 +40,10 @@ class RunLock:
     input leaves no trace.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, *, holder: str = "dmd2 train",
+                 field: str = "output_dir", instead: str = ", or choose another output_dir"):
         self.run_dir, self.enabled = Path(run_dir), enabled
+        self.holder, self.field, self.instead = holder, field, instead  # what the messages name
         self.path = self.run_dir / LOCK
         self.fd: int | None = None
         self.created: list[Path] = []
@@ -60,12 +62,12 @@ class RunLock:
 
     def _make_folder(self) -> None:
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise UserError(f"output_dir: {self.run_dir} is a file, not a folder; choose a folder for the run")
+            raise UserError(f"{self.field}: {self.run_dir} is a file, not a folder; choose a folder for the run")
         missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"output_dir: cannot create {self.run_dir} ({e.strerror})") from None
+            raise UserError(f"{self.field}: cannot create {self.run_dir} ({e.strerror})") from None
         self.created = missing  # deepest first
 
     def acquire(self) -> None:
@@ -74,18 +76,18 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise UserError(f"output_dir: cannot write {self.path} ({e.strerror})") from None
+                raise UserError(f"{self.field}: cannot write {self.path} ({e.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
                 os.close(fd)
-                raise UserError(f"output_dir: {self.run_dir} is in use by another dmd2 train ({_holder(text)}); "
-                                "wait for it to finish or stop it, or choose another output_dir") from None
+                raise UserError(f"{self.field}: {self.run_dir} is in use by another {self.holder} ({_holder(text)}); "
+                                f"wait for it to finish or stop it{self.instead}") from None
             except OSError as e:  # a filesystem without locks (some network mounts): run, but say so
                 os.close(fd)
                 print(f"warning: {self.run_dir}: cannot lock the run folder ({e.strerror}); nothing stops a "
-                      "second dmd2 train from writing to it", flush=True)
+                      f"second {self.holder} from writing to it", flush=True)
                 if self.path.stat().st_size == 0:  # the empty file we just made
                     self.path.unlink()
                 return

@@ -183,3 +183,13 @@ def test_one_line_errors(trained, tmp_path):
     empty.mkdir()
     shutil.copy(trained / "recipe.yaml", empty / "recipe.yaml")
     assert "no committed checkpoint to score" in cli_error("eval", empty, "--all-checkpoints", *flags)
+
+
+def test_a_second_evaluator_on_the_same_run_is_refused(run, tmp_path):
+    """Two --all-checkpoints on one run would score the same checkpoints and write their rows twice."""
+    from dmd2.runlock import RunLock
+
+    with RunLock(run / "eval", holder="dmd2 eval --all-checkpoints"):
+        msg = cli_error("eval", run, "--all-checkpoints", "--fid", "--ref-dir", TINY_IMAGES)
+    assert "eval is in use by another dmd2 eval --all-checkpoints (pid" in msg and str(run) in msg
+    assert not (run / "eval" / "eval.jsonl").exists()
