@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -286,3 +287,23 @@ def test_live_encoding_reads_the_same_batches(sd15, sources):
         for a, b in zip(ref, steps(name), strict=True):
             torch.testing.assert_close(a.real, b.real, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(a.cond["encoder_hidden_states"], b.cond["encoder_hidden_states"])
+
+
+def test_tar_index_is_kept_and_follows_the_shard(tmp_path, monkeypatch):
+    """The second open reads each shard's saved index instead of walking the tar; a shard written
+    again (another size or time) is scanned again."""
+    import dmd2.sources as sources_mod
+
+    monkeypatch.setenv("DMD2_CACHE_DIR", str(tmp_path / "cache"))
+    spec = write_tars(tmp_path / "shards", _samples())
+    first = _open(spec)
+    with monkeypatch.context() as m:
+        m.setattr(sources_mod.tarfile, "open", lambda *a, **k: pytest.fail("the tar was walked again"))
+        again = _open(spec)
+        assert list(again.items) == list(first.items) and torch.equal(again.read(7), first.read(7))
+    assert len(list((tmp_path / "cache" / "tar-index").glob("*.json"))) == 2
+    samples = _samples()
+    samples[0] = (samples[0][0], samples[0][1], "a new caption")
+    shutil.rmtree(tmp_path / "shards")
+    spec = write_tars(tmp_path / "shards", samples)
+    assert _open(spec).items[0].caption == "a new caption"
