@@ -31,7 +31,7 @@ import torch
 
 from . import faults
 from .errors import UserError
-from .files import cache_root, save_shard, shard_state, sidecar
+from .files import cache_root, save_shard, shard_state, sidecar, writer_tag
 from .models.conditioning import cond_to
 
 FORMAT = 2  # bump when what is stored or how it is encoded changes (2: checksum sidecars)
@@ -248,7 +248,7 @@ def open_or_build(root: str | Path, inputs: dict, builder: Builder, *, rank: int
         meta = {**inputs, "format": FORMAT, "chunk": CHUNK, "tasks": tasks,
                 "prompts": len(builder.prompts) if builder.prompts is not None else 0,
                 "images": len(builder.real) if builder.real is not None else 0}
-        tmp = folder / f"{META}.tmp{os.getpid()}"
+        tmp = folder / f"{META}.{writer_tag()}.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, folder / META)
     _barrier()

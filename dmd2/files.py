@@ -35,6 +35,13 @@ def cache_root(name: str) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmd2" / name
 
 
+def writer_tag() -> str:
+    """host and pid: temp names of processes on different nodes sharing a folder never collide."""
+    import socket
+
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
 def sidecar(shard: Path) -> Path:
     """The ``.json`` beside a safetensors shard that records its checksum."""
     return shard.with_suffix(".json")
@@ -51,7 +58,7 @@ def save_shard(tensors: dict, path: Path, record: dict | None = None, *, fault: 
 
     from . import faults
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{writer_tag()}.tmp")
     # no metadata: safetensors writes metadata keys in hash order, and a rebuilt shard must be byte-identical
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
