@@ -74,7 +74,7 @@ def test_dynamic_shift_mu_and_time_shift_match_diffusers():
            "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
     with pytest.raises(ValueError, match="image_seq_len"):
         FlowSchedule.from_scheduler_config(cfg)
-    seq = (1024 // 16) ** 2  # FLUX at 1024 px: 128x128 latents, 2x2 patches
+    seq = (512 // 16) ** 2  # FLUX at 512 px: 64x64 latents, 2x2 patches, 1024 tokens
     mu = dynamic_shift_mu(seq, 256, 4096, 0.5, 1.15)
     fs = FlowSchedule.from_scheduler_config(cfg, image_seq_len=seq)
     sched = FlowMatchEulerDiscreteScheduler(**cfg)
@@ -84,7 +84,7 @@ def test_dynamic_shift_mu_and_time_shift_match_diffusers():
     assert fs.sigmas[-1] == 1.0 and (fs.sigmas[1:] > fs.sigmas[:-1]).all()
     linear = FlowSchedule.from_scheduler_config({**cfg, "time_shift_type": "linear"}, image_seq_len=seq)
     torch.testing.assert_close(linear.sigmas, mu / (mu + (1 / u - 1)))
-    # more tokens (higher resolution) -> larger mu -> noisier at every t
+    # more tokens (1024 px: 4096) -> larger mu -> noisier at every t
     assert (FlowSchedule.from_scheduler_config(cfg, image_seq_len=4096).sigmas[:-1] > fs.sigmas[:-1]).all()
 
 
