@@ -219,6 +219,7 @@ def test_train_sd3_multistep_zero3(sd3_run, tiny_teacher):
     assert {r["k"] for r in metrics(sd3_run)} == {0, 1}
 
 
+@pytest.mark.slow  # ~65 s on 2 cores; the launcher path itself is in the default suite (tests/test_train.py, SDXL)
 def test_train_sd3_two_ranks_deepspeed_launcher(tmp_path, tiny_teacher):
     teacher = tiny_teacher("sd3")
     run = tmp_path / "run"
