@@ -186,6 +186,23 @@ def test_roles_lora_and_gan_layer_checks(tiny_teacher):
         build_roles(sd15, gan=True, resolution=32, seed=0, gradient_checkpointing=False, gan_layer=1)
 
 
+def test_make_tiny_teacher_cli_and_the_teachers_own_sampler(tmp_path, tiny_teacher):
+    """`dmd2 make-tiny-teacher sd3 OUT`; the teacher's many-step draw (dmd2 eval's teacher column) goes
+    through StableDiffusion3Pipeline with its own scheduler and CFG."""
+    from typer.testing import CliRunner
+
+    from dmd2.cli import app
+    from dmd2.generate import teacher_draw
+
+    res = CliRunner().invoke(app, ["make-tiny-teacher", "sd3", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "t" / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    t = load_teacher(str(tiny_teacher("sd3")))
+    (chunk, images), = teacher_draw(t, PROMPTS, [0, 1], 2, range(2), 2, cfg_scale=7.0, resolution=32, device="cpu")
+    assert chunk == [0, 1] and images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert images.min() >= -1 and images.max() <= 1
+
+
 def test_recipe_feature_layer_takes_a_block_index(repo_root):
     from dmd2.config import RecipeError, load_recipe
 
