@@ -151,6 +151,35 @@ def test_features_are_the_middle_blocks_tokens_on_the_patch_grid(teacher):
     assert net.transformer_blocks[2].attn.to_q.weight.grad is None  # never ran
 
 
+def test_sd35_layout_dual_attention_and_qk_norm(teacher):
+    """SD3.5's transformer (dual_attention_layers: a second image self-attention; qk_norm RMS):
+    the same features early exit (pinned to a hook) and default LoRA targets, which also reach attn2."""
+    from diffusers import SD3Transformer2DModel
+
+    from dmd2.config import LoraConfig
+    from dmd2.models.lora import add_lora
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(**{**teacher.unet.config, "dual_attention_layers": (0, 1), "qk_norm": "rms_norm"})
+    d = Denoiser(net.eval(), teacher.schedule)
+    x, tt = _inputs(teacher)
+    cond = Conditioner(teacher, 32).encode_prompts(PROMPTS)
+    seen = {}
+
+    def hook(module, args, out):
+        seen.setdefault("mid", out[1])
+
+    h = net.transformer_blocks[1].register_forward_hook(hook)
+    with torch.no_grad():
+        x0 = d(x, tt, cond)
+        feats = d.features(x, tt, cond)
+    h.remove()
+    assert torch.isfinite(x0).all()
+    torch.testing.assert_close(feats, seen["mid"].transpose(1, 2).reshape(2, 32, 4, 4))
+    add_lora(net, LoraConfig(rank=4))
+    assert any("attn2.to_q.lora_A" in n for n, _ in net.named_parameters())
+
+
 def test_roles_lora_and_gan_layer_checks(tiny_teacher):
     from dmd2.config import LoraConfig
     from dmd2.models.lora import TRANSFORMER_TARGETS
