@@ -67,6 +67,10 @@ def test_loader_reads_sd3(tiny_teacher, teacher):
         t.training_resolution(136)
     with pytest.raises(UserError, match="is a sd3 teacher but model.family is sdxl"):
         load_teacher(str(tiny_teacher("sd3")), family="sdxl")
+    # dmd2 prepare's load: the transformer from its config on the meta device, weights unread
+    meta = load_teacher(str(tiny_teacher("sd3")), denoiser=False)
+    assert next(meta.unet.parameters()).is_meta and meta.transformer and meta.mid_spatial(32) == 4
+    assert len(meta.text_encoders) == 3 and meta.vae is not None
 
 
 def test_conditioning_is_the_pipelines_encode_prompt(tiny_teacher, teacher):
