@@ -38,7 +38,8 @@ FORMAT = 2  # bump when what is stored or how it is encoded changes (2: checksum
 CHUNK = 1024  # rows per file
 ENCODE_BATCH = 32  # rows per encoder call when building
 META = "meta.json"
-_TEACHER_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "model_index.json")
+_TEACHER_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "vae",
+                  "model_index.json")
 
 
 def default_root() -> Path:

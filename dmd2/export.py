@@ -1,9 +1,10 @@
 """``dmd2 export``: a run's generator as files that diffusers, ComfyUI and A1111 load.
 
-- ``diffusers``: ``unet/`` (safetensors, fp32/fp16/bf16). With ``pipeline`` (SD1.5/SDXL), a whole
-  StableDiffusion(XL)Pipeline folder (the teacher's VAE, text encoders and tokenizers) whose
-  scheduler is an ``LCMScheduler``: its step is exactly the distilled sampler's (predict x0,
-  re-noise it to the next timestep with fresh noise, return the last x0). Class-conditional
+- ``diffusers``: ``unet/`` (``transformer/`` for SD3; safetensors, fp32/fp16/bf16). With ``pipeline``
+  (SD1.5/SDXL/SD3), a whole StableDiffusion(XL/3)Pipeline folder (the teacher's VAE, text encoders
+  and tokenizers) whose scheduler steps exactly as the distilled sampler (predict x0, re-noise it to
+  the next timestep with fresh noise, return the last x0): an ``LCMScheduler`` for DDPM teachers, a
+  ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling`` for flow teachers. Class-conditional
   models have no diffusers pipeline: their export is ``unet/`` + the teacher's ``scheduler/`` (for
   the parameterisation) + ``vae/`` if any, sampled by ``dmd2 sample`` or by hand (dmd2.json).
 - ``lora`` (LoRA runs): the adapter as one .safetensors with diffusers (peft) key names, or
@@ -45,6 +46,23 @@ def distilled_scheduler(scheduler_config: dict, timesteps: list[int]):
                         thresholding=False, steps_offset=1)
 
 
+def distilled_flow_scheduler(scheduler_config: dict):
+    """The flow teacher's FlowMatchEulerDiscreteScheduler with ``stochastic_sampling``: its step is
+    x0 = x - s v, then (1 - s_next) x0 + s_next * fresh noise (diffusers'
+    scheduling_flow_match_euler_discrete.py), the distilled sampler's step. Called with
+    ``sigmas=flow_pipeline_sigmas(timesteps)``, which its shift maps to the trained noise levels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    return FlowMatchEulerDiscreteScheduler(**{**cfg, "stochastic_sampling": True})
+
+
+def flow_pipeline_sigmas(timesteps: list[int], num_train_timesteps: int = 1000) -> list[float]:
+    """The unshifted sigmas (t + 1) / T to pass a flow pipeline for trained timesteps t: the scheduler
+    shifts them exactly as dmd2.schedule.flow_sigmas does (999 -> 1.0)."""
+    return [(t + 1) / num_train_timesteps for t in timesteps]
+
+
 def _stamp(files, meta: dict) -> None:
     """Add the dmd2 record to safetensors headers (keeping what is there, e.g. format=pt)."""
     from safetensors import safe_open
@@ -62,9 +80,15 @@ def _usage(gen: Student, pipeline: bool) -> str:
         return ("x = sigma_or_1(t0) * randn; for each t in timesteps: x0 = x0-prediction of unet/ with scheduler/'s "
                 "parameterisation; x = add_noise(x0, fresh randn, next t); image = vae/ decode of the last x0 "
                 "(dmd2 sample does this)")
+    if pipeline and gen.schedule.kind == "flow":
+        return (f"DiffusionPipeline.from_pretrained(folder)(prompt, sigmas={flow_pipeline_sigmas(gen.timesteps)}, "
+                f"guidance_scale=0)  # no CFG: it is distilled in; sigmas = (t + 1) / 1000 of the trained "
+                f"timesteps {gen.timesteps}, shifted by the scheduler")
     if pipeline:
         return (f"DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps={K}, "
                 f"timesteps={gen.timesteps}, guidance_scale=0)  # no CFG: it is distilled in")
+    if gen.family == "sd3":
+        return "the transformer of the teacher's pipeline; sample it with dmd2 sample, or export with --pipeline"
     return "the UNet of the teacher's pipeline; sample it with dmd2 sample, or with --pipeline's LCMScheduler"
 
 
@@ -92,9 +116,9 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "diffusers", pipeline
     lora = gen.recipe.model.lora.enabled
     if fmt == "lora" and not lora:
         raise UserError(f"--format lora: {run} trained full weights, not a LoRA; use --format diffusers")
-    if fmt == "lora" and gen.family == "classcond":
-        raise UserError("--format lora: LoRA files are for SD1.5/SDXL pipelines; use --merge-lora for a "
-                        "class-conditional model")
+    if fmt == "lora" and gen.family in ("classcond", "sd3"):
+        raise UserError(f"--format lora: LoRA files are for SD1.5/SDXL pipelines; use --merge-lora for a "
+                        f"{'class-conditional' if gen.family == 'classcond' else gen.family} model")
     if fmt == "diffusers" and lora and not merge_lora:
         raise UserError(f"{run} is a LoRA run: --format lora writes the adapter, --merge-lora writes full weights")
     if merge_lora and not lora:
@@ -113,22 +137,26 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "diffusers", pipeline
 def _export_diffusers(gen: Student, out: Path, dtype: str, pipeline: bool, merged: bool) -> None:
     parts = gen.parts
     complete = pipeline or gen.family == "classcond"
-    meta = export_metadata(gen, format="diffusers", weights="unet", complete=complete, pipeline=pipeline, dtype=dtype,
+    folder = parts.denoiser_folder
+    meta = export_metadata(gen, format="diffusers", weights=folder, complete=complete, pipeline=pipeline, dtype=dtype,
                      merged_lora=merged, usage=_usage(gen, pipeline))
     torch_dtype = DTYPES[dtype]
     if pipeline:
-        pipe = diffusers_pipeline(parts, distilled_scheduler(parts.scheduler_config, gen.timesteps))
+        flow = gen.schedule.kind == "flow"
+        scheduler = (distilled_flow_scheduler(parts.scheduler_config) if flow else
+                     distilled_scheduler(parts.scheduler_config, gen.timesteps))
+        pipe = diffusers_pipeline(parts, scheduler)
         if torch_dtype != torch.float32:
             pipe.to(dtype=torch_dtype)
         pipe.save_pretrained(out, safe_serialization=True)
     else:
-        parts.unet.to(torch_dtype).save_pretrained(out / "unet", safe_serialization=True)  # noqa
+        parts.unet.to(torch_dtype).save_pretrained(out / folder, safe_serialization=True)  # noqa
         if gen.family == "classcond":
             (out / "scheduler").mkdir()
             (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(parts.scheduler_config, indent=2))
             if parts.vae is not None:
                 parts.vae.to(torch_dtype).save_pretrained(out / "vae", safe_serialization=True)
-    _stamp(sorted((out / "unet").glob("*.safetensors")), meta)
+    _stamp(sorted((out / folder).glob("*.safetensors")), meta)
     write_export_meta(out, meta)
 
 

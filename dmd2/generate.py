@@ -19,6 +19,7 @@ import torch
 
 from .errors import UserError
 from .models import Conditioner, Denoiser, Teacher, vae
+from .models.loader import TEXT_FAMILIES
 from .models.pipelines import diffusers_pipeline, teacher_scheduler
 from .models.student import Student, fp32, load_student
 from .sampling import Noise, sample
@@ -223,7 +224,7 @@ def teacher_draw(teacher: Teacher, conds: Sequence[str | int], seeds: Sequence[i
     same denoiser interface as training.
     """
     device = torch.device(device)
-    text = teacher.family in ("sd15", "sdxl")
+    text = teacher.family in TEXT_FAMILIES
     for m in (teacher.unet, teacher.vae, *teacher.text_encoders):
         fp32(m, device)
     if text:

@@ -6,11 +6,15 @@ branches on the model family:
 - ``DDPMSchedule``: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, model predicts eps or v.
 - ``EDMSchedule``: t indexes an ascending Karras sigma grid, x_t = x0 + sigma_t eps, the
   model is preconditioned (c_skip, c_out, c_in, c_noise) and returns x0 directly.
+- ``FlowSchedule``: rectified flow (SD3, FLUX), x_t = (1 - s_t) x0 + s_t eps, the model predicts
+  the velocity v = eps - x0; t indexes the teacher scheduler's own (shifted) sigma table.
 
 Only torch is imported here.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -135,6 +139,99 @@ class EDMSchedule:
     def initial_noise_scale(self, t: int) -> float:
         """Pure noise at index t has standard deviation sigma_t (e.g. 80 at t = T-1)."""
         return float(self.sigmas[t])
+
+
+def dynamic_shift_mu(image_seq_len: int, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent shift: mu linear in the number of image tokens, base_shift at
+    base_image_seq_len and max_shift at max_image_seq_len (diffusers' ``calculate_shift`` in
+    pipelines/flux/pipeline_flux.py; the defaults are its signature's)."""
+    m = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len)
+    return image_seq_len * m + base_shift - m * base_image_seq_len
+
+
+def flow_sigmas(num_timesteps: int = T, *, shift: float = 1.0, mu: float | None = None,
+                time_shift_type: str = "exponential") -> torch.Tensor:
+    """s(t) for integer t in [0, num_timesteps), float64, ascending, s(T-1) = 1 (pure noise).
+
+    FlowMatchEulerDiscreteScheduler's training table (diffusers, scheduling_flow_match_euler_discrete.py
+    ``__init__``): u = (t + 1) / T for t = 0..T-1, then the static shift s = shift u / (1 + (shift - 1) u)
+    (SD3: shift 3.0; SD3 paper eq. 23 with alpha = shift), or, with ``mu`` (use_dynamic_shifting, FLUX),
+    its ``time_shift``: exponential e^mu / (e^mu + (1/u - 1)), linear mu / (mu + (1/u - 1)).
+    """
+    u = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    if mu is None:
+        return shift * u / (1 + (shift - 1) * u)
+    if time_shift_type == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    if time_shift_type == "linear":
+        return mu / (mu + (1 / u - 1))
+    raise ValueError(f"unsupported time_shift_type {time_shift_type!r} (exponential or linear)")
+
+
+class FlowSchedule:
+    """Rectified flow / flow matching (SD3, FLUX): x_t = (1 - s_t) x0 + s_t eps, the network
+    predicts the velocity v = eps - x0 (SD3 paper, Esser et al. 2024, §2; diffusers'
+    FlowMatchEulerDiscreteScheduler).
+
+    The integer interface of the other schedules: t in [0, T) indexes the teacher scheduler's own
+    sigma table (``flow_sigmas``: u = (t + 1) / T, then the teacher's shift), so t = 999 is pure
+    noise (s = 1) and the generator's timesteps (999, 749, 499, 249) and the DM/GAN noise levels
+    drawn as integers mean the same as for DDPM teachers, in the teacher's own (shifted) sigma space.
+    The transformer is told the timestep as ``s * T`` (a float), as the diffusers pipelines do.
+    """
+
+    kind = "flow"
+
+    def __init__(self, sigmas: torch.Tensor):
+        self.sigmas = sigmas.to(torch.float64)  # ascending: index T-1 = 1.0
+        self._tables: dict = {}
+        self.prediction_type = "flow_prediction"  # diffusers' name for velocity (UniPC/DPM-Solver flow mode)
+        self.num_timesteps = len(sigmas)
+
+    @classmethod
+    def from_scheduler_config(cls, cfg: dict, image_seq_len: int | None = None) -> FlowSchedule:
+        """From a FlowMatchEulerDiscreteScheduler config. ``use_dynamic_shifting`` (FLUX) makes the
+        table depend on the resolution: ``image_seq_len`` (latent tokens, (H/p)(W/p)) gives mu."""
+        n = int(cfg.get("num_train_timesteps", T))
+        mu = None
+        if cfg.get("use_dynamic_shifting"):
+            if image_seq_len is None:
+                raise ValueError("use_dynamic_shifting: the sigma table depends on the resolution (image_seq_len)")
+            # the fallbacks of the diffusers pipelines' calculate_shift calls (pipeline_flux.py)
+            mu = dynamic_shift_mu(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                  cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return cls(flow_sigmas(n, shift=float(cfg.get("shift", 1.0)), mu=mu,
+                               time_shift_type=cfg.get("time_shift_type", "exponential")))
+
+    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _expand(_on(self._tables, self.sigmas, t.device)[t.long()], like)
+
+    def add_noise(self, x0, eps, t):
+        s = self.sigma(t, x0)
+        return ((1 - s) * x0.double() + s * eps.double()).to(x0.dtype)
+
+    def model_input(self, x_t, t):
+        """x_t and the timestep s * T as float, what SD3/FLUX transformers are called with."""
+        return x_t, (_on(self._tables, self.sigmas, t.device)[t.long()] * self.num_timesteps).to(torch.float32)
+
+    def to_x0(self, x_t, out, t):
+        """x0 = x_t - s v, in float64 (as the other schedules)."""
+        return (x_t.double() - self.sigma(t, x_t) * out.double()).to(out.dtype)
+
+    def target(self, x0, eps, t):
+        """The velocity eps - x0: the fake score regresses in the teacher's native target (§5)."""
+        return (eps.double() - x0.double()).to(x0.dtype)
+
+    def native(self, out, x_t, t):
+        return out
+
+    def loss_weight(self, t):
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+
+    def initial_noise_scale(self, t: int) -> float:
+        """Pure noise is eps itself (s = 1 at t = T-1)."""
+        return 1.0
 
 
 def sample_timesteps(

@@ -4,6 +4,10 @@
 
 * ``sd15``           -- ``StableDiffusionPipeline`` folder; 8x8x4 latents, 32x32 RGB images.
 * ``sdxl``           -- ``StableDiffusionXLPipeline`` folder; same sizes, two text encoders.
+* ``sd3``            -- ``StableDiffusion3Pipeline`` folder: an ``SD3Transformer2DModel`` (patch 2, 4
+                        blocks) on 8x8x16 latents of a 16-channel VAE with a shift factor (32x32 RGB),
+                        two CLIP encoders with projection, a T5 encoder with an offline Unigram
+                        tokenizer, ``FlowMatchEulerDiscreteScheduler`` with shift 3.0 (as SD3).
 * ``classcond``      -- pixel-space class-conditional ``unet/`` (``UNet2DModel``, 16x16x3, 10 classes)
                         plus ``scheduler/`` (``DDPMScheduler``, epsilon prediction).
 * ``classcond-v``    -- the same with ``prediction_type="v_prediction"``.
@@ -19,7 +23,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-FAMILIES = ("sd15", "sdxl", "classcond", "classcond-v", "classcond-edm")
+FAMILIES = ("sd15", "sdxl", "sd3", "classcond", "classcond-v", "classcond-edm")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -183,12 +187,12 @@ def _text_config(tokenizer, **overrides):
     return CLIPTextConfig(**kwargs)
 
 
-def _tiny_vae(seed: int, scaling_factor: float, force_upcast: bool):
+def _tiny_vae(seed: int, scaling_factor: float, force_upcast: bool, **overrides):
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    kwargs = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -201,6 +205,8 @@ def _tiny_vae(seed: int, scaling_factor: float, force_upcast: bool):
         scaling_factor=scaling_factor,
         force_upcast=force_upcast,
     )
+    kwargs.update(overrides)
+    return AutoencoderKL(**kwargs)
 
 
 def _tiny_cond_unet(seed: int, **overrides):
@@ -298,6 +304,75 @@ def _make_sdxl(out: Path, seed: int) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
 
 
+T5_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as T5's (pad, eos, unk)
+
+
+def make_tiny_t5_tokenizer():
+    """A tiny T5 tokenizer built offline: a ``tokenizers`` Unigram over the corpus' words (whole
+    words win: one piece scores above its letters), pad/eos/unk at T5's ids, eos appended, no
+    sentinel ids. ``save_pretrained`` writes tokenizer.json; ``from_pretrained`` reads it back."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    words = sorted(set(_CORPUS.split()))
+    chars = string.ascii_letters + string.digits + ".,;:!?'-"
+    vocab = [(t, 0.0) for t in T5_TOKENS] + [("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -5.0) for w in words]
+    vocab += [("\u2581" + c, -9.0) for c in chars] + [(c, -10.0) for c in chars]
+    seen: set[str] = set()
+    vocab = [(p, v) for p, v in vocab if not (p in seen or seen.add(p))]  # one entry per piece, the first
+    tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    tok.model_max_length = 512  # T5's
+    return tok
+
+
+def _make_sd3(out: Path, seed: int) -> None:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    t5_width = 80  # above the two CLIPs' 32 + 32, so the CLIP states are really zero-padded (as 2048 -> 4096)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=32,  # = heads x head dim: the context stream's width
+        pooled_projection_dim=64,  # the two CLIP pooled projections
+        pos_embed_max_size=16,  # patches: latents up to 32x32 (128 px)
+    )
+    # SD3's VAE: 16 latent channels, scaling and shift factors, no quant convs
+    vae = _tiny_vae(seed, scaling_factor=1.5305, force_upcast=False, latent_channels=16, shift_factor=0.0609,
+                    use_quant_conv=False, use_post_quant_conv=False)
+    tokenizer = make_tiny_clip_tokenizer()
+    tokenizer_2 = make_tiny_clip_tokenizer(pad_token="!")  # OpenCLIP-G's tokenizer pads with "!"
+    tokenizer_3 = make_tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu"))
+    torch.manual_seed(seed + 2)
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=t5_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=0,
+    ))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
 def _make_classcond(out: Path, seed: int, family: str) -> None:
     import torch
     from diffusers import DDPMScheduler, EDMEulerScheduler, UNet2DModel
@@ -348,6 +423,8 @@ def make_tiny_teacher(family: str, out: str | Path, *, seed: int = 0) -> Path:
             _make_sd15(out, seed)
         elif family == "sdxl":
             _make_sdxl(out, seed)
+        elif family == "sd3":
+            _make_sd3(out, seed)
         else:
             _make_classcond(out, seed, family)
     return out

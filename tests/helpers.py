@@ -121,7 +121,8 @@ def check_run(run, steps, teacher, full_weights=True):
     from safetensors.torch import load_file
 
     weights = _generator_weights(last)
-    ref = load_file(str(next((teacher / "unet").glob("*.safetensors"))))
+    denoiser = teacher / ("transformer" if (teacher / "transformer").is_dir() else "unet")  # SD3: transformer/
+    ref = load_file(str(next(denoiser.glob("*.safetensors"))))
     assert set(weights) == set(ref)
     assert any(not torch.equal(weights[k], ref[k]) for k in ref)
 

@@ -34,13 +34,12 @@ def _gen():
 LAYOUTS = {"all-persistent": (100_000, True), "mixed-checkpointed": (5_000, True), "mixed": (5_000, False)}
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
-def rig(tiny_teacher, request):
+def _rig(tiny_teacher, family: str, layout: str) -> dict:
     from dmd2 import engines
 
-    threshold, checkpointing = LAYOUTS[request.param]
+    threshold, checkpointing = LAYOUTS[layout]
     engines.init_distributed()
-    teacher = load_teacher(str(tiny_teacher("sd15")))
+    teacher = load_teacher(str(tiny_teacher(family)))
     gen, critic = build_roles(teacher, gan=True, resolution=32, seed=0, gradient_checkpointing=checkpointing)
     ref_gen, ref_critic = copy.deepcopy(gen), copy.deepcopy(critic)  # before ZeRO-3 partitions them
     cfg = engines.ds_config(DEFAULT_DS_CONFIG,
@@ -50,11 +49,24 @@ def rig(tiny_teacher, request):
     critic_engine = engines.build_engine(critic, OPTIM, copy.deepcopy(cfg))
     c = Conditioner(teacher, 32)
     g = torch.Generator().manual_seed(0)
+    shape = (2, teacher.channels, 8, 8)
     batch = Batch(cond=c.encode_prompts(["a red circle", "blue stripes"]), uncond=c.uncond(2),
-                  real=torch.randn(2, 4, 8, 8, generator=g), real_cond=c.encode_prompts(["a square", "a dot"]))
-    x_t = torch.randn(2, 4, 8, 8, generator=g)
+                  real=torch.randn(*shape, generator=g), real_cond=c.encode_prompts(["a square", "a dot"]))
+    x_t = torch.randn(*shape, generator=g)
     t = torch.full((2,), 999)
     return locals()
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def rig(tiny_teacher, request):
+    return _rig(tiny_teacher, "sd15", request.param)
+
+
+@pytest.fixture(scope="module")
+def sd3_rig(tiny_teacher):
+    """The SD3 transformer (flow schedule, GAN head on the middle block's tokens), partitioned and
+    persistent parameters mixed, with activation checkpointing (the transformer's own)."""
+    return _rig(tiny_teacher, "sd3", "mixed-checkpointed")
 
 
 def _full_grads(module):
@@ -133,6 +145,20 @@ def test_engines_match_plain_pytorch(rig):
     functions, as train.py runs them; at every phase the gradients equal plain autograd on the same
     weights, so nothing stale accumulates (docs/algorithm.md §9.1)
     and the critic never receives the generator's gradients (§9.2)."""
+    _check_engines_match_plain_pytorch(rig)
+
+
+def test_transformer_engines_match_plain_pytorch(sd3_rig):
+    """The same for an SD3 transformer denoiser (keyword call, early-exit block features)."""
+    assert sd3_rig["teacher"].transformer
+    _check_engines_match_plain_pytorch(sd3_rig)
+
+
+def test_transformer_phases_touch_only_their_parameters(sd3_rig):
+    test_plain_pytorch_phases_touch_only_their_parameters(sd3_rig)
+
+
+def _check_engines_match_plain_pytorch(rig):
     from dmd2.step import critic_step, generator_step
 
     gen_engine, critic_engine, batch = rig["gen_engine"], rig["critic_engine"], rig["batch"]

@@ -13,6 +13,7 @@ import torch
 from dmd2.tiny import FAMILIES, make_tiny_teacher
 
 PIPELINE_FAMILIES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+TRANSFORMER_FAMILIES = {"sd3": "StableDiffusion3Pipeline"}  # tests/test_sd3.py
 CLASSCOND_FAMILIES = {
     "classcond": ("DDPMScheduler", "epsilon"),
     "classcond-v": ("DDPMScheduler", "v_prediction"),
@@ -35,7 +36,7 @@ def _size(folder: Path) -> int:
 
 
 def test_families_cover_pipelines_and_classcond():
-    assert set(FAMILIES) == set(PIPELINE_FAMILIES) | set(CLASSCOND_FAMILIES)
+    assert set(FAMILIES) == set(PIPELINE_FAMILIES) | set(TRANSFORMER_FAMILIES) | set(CLASSCOND_FAMILIES)
 
 
 @pytest.mark.parametrize("family", sorted(PIPELINE_FAMILIES))
@@ -92,7 +93,7 @@ def test_classcond_teacher_loads_and_runs(family, tiny_teacher):
     assert not torch.equal(out, other)  # the class label matters
 
 
-@pytest.mark.parametrize("family", ["sd15", "classcond"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "classcond"])
 def test_same_seed_same_weights(family, tiny_teacher, tmp_path):
     ref = _weights(tiny_teacher(family))
     again = _weights(make_tiny_teacher(family, tmp_path / "again", seed=0))
@@ -112,7 +113,7 @@ def test_does_not_touch_global_rng(tmp_path):
 
 def test_unknown_family(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny teacher family"):
-        make_tiny_teacher("sd3", tmp_path)
+        make_tiny_teacher("flux", tmp_path)
 
 
 @pytest.mark.parametrize("subfolder", ["tokenizer", "tokenizer_2"])

@@ -4,6 +4,11 @@
 - SDXL: penultimate hidden states of both encoders concatenated (768 + 1280) plus the second
   encoder's pooled projection, and add_time_ids = [H, W, 0, 0, H, W]; uncond = all-zero
   prompt and pooled embeddings with the time ids kept.
+- SD3: as StableDiffusion3Pipeline.encode_prompt (diffusers): CLIP-L and CLIP-G penultimate
+  hidden states concatenated (77 tokens), zero-padded to T5's width, then T5's last hidden states
+  (256 tokens, the pipeline's max_sequence_length default) appended along the sequence; pooled =
+  both CLIP pooled projections concatenated; uncond = the pipeline's encoding of the empty
+  negative prompt "" (not zeros: SD3 has no force_zeros_for_empty_prompt).
 - class-conditional: integer labels; no uncond (no CFG). UNet2DConditionModel class-conditional
   teachers still need an encoder_hidden_states argument: a single zero token.
 """
@@ -12,7 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .loader import Teacher
+from .loader import TEXT_FAMILIES, Teacher
+
+# StableDiffusion3Pipeline's max_sequence_length default: T5 tokens per prompt
+SD3_T5_TOKENS = 256
 
 
 def cat_cond(*conds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,13 +48,15 @@ class Conditioner:
 
     @property
     def text(self) -> bool:
-        return self.family in ("sd15", "sdxl")
+        return self.family in TEXT_FAMILIES
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.family == "sd15":
             ids = self._tokenize(self.tokenizers[0], prompts)
             return {"encoder_hidden_states": self.encoders[0](ids)[0].float()}
+        if self.family == "sd3":
+            return self._encode_sd3(prompts)
         hidden, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.encoders, strict=True):
             out = enc(self._tokenize(tok, prompts), output_hidden_states=True)
@@ -60,8 +70,22 @@ class Conditioner:
             "time_ids": time_ids.repeat(len(prompts), 1),
         }
 
-    def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+    def _encode_sd3(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """StableDiffusion3Pipeline.encode_prompt without clip_skip (diffusers 0.3x-0.4x)."""
+        hidden, pooled = [], []
+        clip_len = self.tokenizers[0].model_max_length  # the pipeline's tokenizer_max_length, for both CLIPs
+        for tok, enc in zip(self.tokenizers[:2], self.encoders[:2], strict=True):
+            out = enc(self._tokenize(tok, prompts, clip_len), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out[0])  # text_embeds: the projected pooled output
+        t5 = self.encoders[2](self._tokenize(self.tokenizers[2], prompts, SD3_T5_TOKENS))[0]
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2).float(),
+                "pooled_projections": torch.cat(pooled, dim=-1).float()}
+
+    def _tokenize(self, tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         return ids.to(self.device)
 

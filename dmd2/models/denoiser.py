@@ -1,8 +1,9 @@
-"""One denoiser interface over diffusers UNets: ``x0 = denoiser(x_t, t, cond)``.
+"""One denoiser interface over diffusers UNets and transformers: ``x0 = denoiser(x_t, t, cond)``.
 
-SD1.5, SDXL and class-conditional (DDPM or EDM) teachers all sit behind it, so the
+SD1.5, SDXL, SD3 and class-conditional (DDPM or EDM) teachers all sit behind it, so the
 algorithm never asks which family it runs. ``cond`` is a dict of tensors:
-``encoder_hidden_states`` (+ ``text_embeds``/``time_ids`` for SDXL) and/or ``class_labels``.
+``encoder_hidden_states`` (+ ``text_embeds``/``time_ids`` for SDXL, + ``pooled_projections``
+for SD3) and/or ``class_labels``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,52 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..schedule import DDPMSchedule, EDMSchedule
+from ..schedule import DDPMSchedule, EDMSchedule, FlowSchedule
+from .loader import is_transformer
+
+
+def _transformer_kwargs(cond: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    return {"encoder_hidden_states": cond["encoder_hidden_states"].to(dtype),
+            "pooled_projections": cond["pooled_projections"].to(dtype)}
+
+
+def feature_block(net: nn.Module, layer: str | int = "mid_block") -> int:
+    """The transformer block whose output the GAN head reads: ``layer`` itself when an int, else the
+    middle block, (L - 1) // 2 of L (the first half of the blocks, as a UNet's mid-block closes its
+    first half)."""
+    n = len(net.transformer_blocks)
+    if isinstance(layer, int):
+        if not 0 <= layer < n:
+            raise ValueError(f"loss.gan.feature_layer: block {layer} of a transformer with {n} blocks")
+        return layer
+    if layer != "mid_block":
+        raise ValueError(f"loss.gan.feature_layer: {layer!r} is for UNets; a transformer takes mid_block or "
+                         "a block index")
+    return (n - 1) // 2
+
+
+def transformer_block_features(net: nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor, *,
+                               encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
+                               block: int) -> torch.Tensor:
+    """SD3Transformer2DModel's forward up to and including ``transformer_blocks[block]``, its image
+    tokens (B, N, D) as the latent patch grid (B, D, H/p, W/p), so the conv GAN head applies.
+
+    Mirrors the first part of SD3Transformer2DModel.forward (diffusers 0.3x-0.4x: pos_embed,
+    time_text_embed, context_embedder, the blocks, with its gradient checkpointing) for the plain
+    text-conditional case, and stops: the remaining blocks would be discarded.
+    tests/test_sd3.py pins it to a forward hook on the full forward.
+    """
+    height, width = hidden_states.shape[-2:]
+    p = net.config.patch_size
+    h = net.pos_embed(hidden_states).contiguous()
+    temb = net.time_text_embed(timestep, pooled_projections)
+    ehs = net.context_embedder(encoder_hidden_states)
+    for blk in net.transformer_blocks[:block + 1]:
+        if torch.is_grad_enabled() and net.gradient_checkpointing:
+            ehs, h = net._gradient_checkpointing_func(blk, h, ehs, temb, None)
+        else:
+            ehs, h = blk(hidden_states=h, encoder_hidden_states=ehs, temb=temb, joint_attention_kwargs=None)
+    return h.transpose(1, 2).reshape(h.shape[0], h.shape[-1], height // p, width // p)
 
 
 def _unet_kwargs(unet: nn.Module, cond: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
@@ -82,17 +128,23 @@ def mid_block_features(unet: nn.Module, sample: torch.Tensor, timestep: torch.Te
 
 
 class Denoiser(nn.Module):
-    """A diffusers UNet plus its noise schedule, predicting x0 (float32 out, float64 inside the conversion)."""
+    """A diffusers UNet or transformer (``unet``, whichever) plus its noise schedule, predicting x0
+    (float32 out, float64 inside the conversion)."""
 
-    def __init__(self, unet: nn.Module, schedule: DDPMSchedule | EDMSchedule):
+    def __init__(self, unet: nn.Module, schedule: DDPMSchedule | EDMSchedule | FlowSchedule):
         super().__init__()
         self.unet = unet
         self.schedule = schedule
 
     def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The network's own output (eps, v, or EDM's F) as float32."""
+        """The network's own output (eps, v, EDM's F, or a flow velocity) as float32."""
         dtype = unet_dtype(self.unet)
         x_in, t_in = self.schedule.model_input(x_t, t)
+        if is_transformer(self.unet):
+            # keywords: SD3Transformer2DModel.forward's second positional argument is encoder_hidden_states
+            out = self.unet(hidden_states=x_in.to(dtype), timestep=t_in, **_transformer_kwargs(cond, dtype),
+                            return_dict=False)[0]
+            return out.float()
         out = self.unet(x_in.to(dtype), t_in, **_unet_kwargs(self.unet, cond, dtype), return_dict=False)[0]
         return out.float()
 
@@ -100,10 +152,14 @@ class Denoiser(nn.Module):
         return self.schedule.to_x0(x_t.float(), self.raw(x_t, t, cond), t)
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
-                 layer: str = "mid_block") -> torch.Tensor:
+                 layer: str | int = "mid_block") -> torch.Tensor:
         """Mid-block (or ``layer="encoder_end"``: last down block) activations at (x_t, t, cond),
-        for the GAN head."""
+        for the GAN head; for a transformer, the image tokens after the middle block (or block
+        ``layer``) as a B x D x H/p x W/p map."""
         dtype = unet_dtype(self.unet)
         x_in, t_in = self.schedule.model_input(x_t, t)
+        if is_transformer(self.unet):
+            return transformer_block_features(self.unet, x_in.to(dtype), t_in, block=feature_block(self.unet, layer),
+                                              **_transformer_kwargs(cond, dtype))
         return mid_block_features(self.unet, x_in.to(dtype), t_in, layer=layer,
                                   **_unet_kwargs(self.unet, cond, dtype))

@@ -4,7 +4,8 @@ Everything that can be read from the teacher (family, latent channels, resolutio
 width, cross-attention width, class count, prediction type, noise schedule) is read here and
 never repeated in the recipe.
 
-Folder layouts: SD1.5 / SDXL are ordinary diffusers pipeline folders (model_index.json);
+Folder layouts: SD1.5 / SDXL / SD3 are ordinary diffusers pipeline folders (model_index.json;
+SD3's denoiser is ``transformer/``, an SD3Transformer2DModel, held in ``Teacher.unet`` all the same);
 class-conditional teachers are a folder with ``unet/`` (UNet2DModel, or UNet2DConditionModel
 with a class embedding), ``scheduler/`` (DDPM-style or EDM scheduler config) and optionally
 ``vae/`` for latent-space models.
@@ -21,19 +22,27 @@ from torch import nn
 
 from ..errors import UserError
 from ..hub import TEACHER_INSTEAD, hub_file, is_local
-from ..schedule import DDPMSchedule, EDMSchedule, T
+from ..schedule import DDPMSchedule, EDMSchedule, FlowSchedule, T
 
-FAMILIES = ("sd15", "sdxl", "classcond")
+FAMILIES = ("sd15", "sdxl", "sd3", "classcond")
+TEXT_FAMILIES = ("sd15", "sdxl", "sd3")  # prompted, with CFG
+TRANSFORMER_FAMILIES = ("sd3",)  # the denoiser is a diffusers transformer (folder transformer/), not a UNet
+
+
+def is_transformer(net: nn.Module) -> bool:
+    """A diffusers DiT-style denoiser (SD3Transformer2DModel): blocks of tokens, no down/up path."""
+    return hasattr(net, "transformer_blocks")
 
 
 @dataclass
 class Teacher:
-    """Everything loaded from a teacher, frozen. ``unet`` is the network every role starts from."""
+    """Everything loaded from a teacher, frozen. ``unet`` is the network every role starts from
+    (a UNet, or SD3's transformer)."""
 
     source: str
     family: str
     unet: nn.Module
-    schedule: DDPMSchedule | EDMSchedule
+    schedule: DDPMSchedule | EDMSchedule | FlowSchedule
     scheduler_config: dict
     vae: nn.Module | None = None
     text_encoders: list[nn.Module] = field(default_factory=list)
@@ -43,13 +52,35 @@ class Teacher:
     def training_resolution(self, requested: int | None) -> int:
         """``train.resolution`` (default: the native one), checked against the UNet's downsampling."""
         res = requested or self.resolution
-        if res % (self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)):
+        if res % (self.vae_scale_factor * self._downsampling):
             raise UserError(f"train.resolution: {res} is not divisible by the teacher's downsampling")
+        most = self.transformer and self.unet.config.get("pos_embed_max_size")
+        if most and res // (self.vae_scale_factor * self._downsampling) > most:
+            # SD3's PatchEmbed crops a fixed grid of position embeddings (pos_embed_max_size patches a side)
+            raise UserError(f"train.resolution: {res} is above the teacher's largest, "
+                            f"{most * self.vae_scale_factor * self._downsampling} (pos_embed_max_size)")
         return res
 
     def check_cfg(self, cfg_scale: float) -> None:
         if self.family == "classcond" and cfg_scale != 1.0:
             raise UserError(f"loss.cfg_scale: {cfg_scale} but class-conditional teachers use no CFG (set 1.0)")
+
+    @property
+    def transformer(self) -> bool:
+        return is_transformer(self.unet)
+
+    @property
+    def denoiser_folder(self) -> str:
+        """The pipeline folder the denoiser lives in: ``transformer`` (SD3) or ``unet``."""
+        return "transformer" if self.transformer else "unet"
+
+    @property
+    def _downsampling(self) -> int:
+        """Latent pixels per feature-map pixel: the patch size (transformers), or one halving per down
+        block but the last (UNets)."""
+        if self.transformer:
+            return int(self.unet.config.patch_size)
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -73,18 +104,32 @@ class Teacher:
 
     @property
     def mid_channels(self) -> int:
+        """Channels of the GAN head's input: the mid-block's, or a transformer's token width."""
+        if self.transformer:
+            return int(self.unet.config.num_attention_heads * self.unet.config.attention_head_dim)
         return int(self.unet.config.block_out_channels[-1])
 
     def latent_size(self, resolution: int) -> int:
         return resolution // self.vae_scale_factor
 
     def mid_spatial(self, resolution: int) -> int:
-        """Spatial size of the mid-block map: one halving per down block but the last."""
-        return self.latent_size(resolution) // 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Spatial size of the GAN head's input map: one halving per down block but the last
+        (UNets), the latent patch grid (transformers)."""
+        return self.latent_size(resolution) // self._downsampling
 
 
-def _schedule_from_config(cfg: dict, where: str) -> DDPMSchedule | EDMSchedule:
+def _schedule_from_config(cfg: dict, where: str) -> DDPMSchedule | EDMSchedule | FlowSchedule:
     cls = cfg.get("_class_name", "")
+    if cls.startswith("FlowMatch"):
+        n = cfg.get("num_train_timesteps", T)
+        if n != T:
+            raise UserError(f"{where}: num_train_timesteps is {n}; dmd2 supports teachers trained with T={T}")
+        if cfg.get("invert_sigmas"):
+            raise UserError(f"{where}: invert_sigmas (Mochi-style) flow schedulers are not supported")
+        if cfg.get("use_dynamic_shifting"):
+            raise UserError(f"{where}: use_dynamic_shifting (FLUX-style resolution-dependent shift) is not "
+                            "supported yet")
+        return FlowSchedule.from_scheduler_config(cfg)
     if cls.startswith("EDM"):
         return EDMSchedule(
             sigma_min=cfg.get("sigma_min", 0.002), sigma_max=cfg.get("sigma_max", 80.0),
@@ -115,6 +160,8 @@ def _load_config(source: str, name: str, subfolder: str | None = None) -> dict |
 
 def _detect_family(model_index: dict | None, unet_cfg: dict) -> str:
     name = (model_index or {}).get("_class_name", "")
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
     if "XL" in name or unet_cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
     if model_index and "text_encoder" in model_index:
@@ -164,14 +211,22 @@ def _load_diffusers(source: str, denoiser: bool = True) -> Teacher:
 
     where = f"model.teacher: {source!r}"
     model_index = _load_config(source, "model_index.json")
-    unet_cfg = _load_config(source, "config.json", "unet")
+    folder = "transformer" if model_index and "transformer" in model_index else "unet"
+    unet_cfg = _load_config(source, "config.json", folder)
     sched_cfg = _load_config(source, "scheduler_config.json", "scheduler")
     if unet_cfg is None or sched_cfg is None:
-        raise UserError(f"{where} is not a diffusers teacher (needs unet/config.json and scheduler/scheduler_config.json)")
+        raise UserError(f"{where} is not a diffusers teacher (needs {folder}/config.json and "
+                        "scheduler/scheduler_config.json)")
     family = _detect_family(model_index, unet_cfg)
-    unet_cls = UNet2DModel if unet_cfg.get("_class_name") == "UNet2DModel" else UNet2DConditionModel
+    if folder == "transformer" and family not in TRANSFORMER_FAMILIES:
+        raise UserError(f"{where}: a {model_index.get('_class_name')} teacher is not supported "
+                        f"(transformer families: {', '.join(TRANSFORMER_FAMILIES)})")
+    if family == "sd3":
+        from diffusers import SD3Transformer2DModel as unet_cls
+    else:
+        unet_cls = UNet2DModel if unet_cfg.get("_class_name") == "UNet2DModel" else UNet2DConditionModel
     if denoiser:
-        unet = unet_cls.from_pretrained(source, subfolder="unet")
+        unet = unet_cls.from_pretrained(source, subfolder=folder)
     else:
         with torch.device("meta"):
             unet = unet_cls.from_config(unet_cfg)
@@ -186,6 +241,18 @@ def _load_diffusers(source: str, denoiser: bool = True) -> Teacher:
         if family == "sdxl":
             encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"))
             tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"))
+    elif family == "sd3":
+        # CLIP-L, CLIP-G (both with projection: their pooled outputs are used) and T5, as
+        # StableDiffusion3Pipeline's components (T5 may be left out of a pipeline: not supported here)
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+        if not model_index.get("text_encoder_3") or model_index["text_encoder_3"][0] is None:
+            raise UserError(f"{where}: an SD3 pipeline without its T5 text encoder (text_encoder_3) is not supported")
+        for i in ("", "_2"):
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder=f"text_encoder{i}"))
+            tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{i}"))
+        encoders.append(T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3"))
+        tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3"))
     elif unet.config.get("num_class_embeds") is None:
         raise UserError(f"{where} has neither text encoders nor a class embedding (num_class_embeds)")
     return Teacher(source, family, unet, _schedule_from_config(sched_cfg, where), dict(sched_cfg), vae, encoders, tokenizers)
@@ -202,7 +269,7 @@ def _load_single_file(source: str, family: str, config_source: str | None) -> Te
 
         with safe_open(source, "pt") as f:
             family = "sdxl" if any(k.startswith("conditioner.embedders.1") for k in f.keys()) else "sd15"
-    if family == "classcond":
+    if family in ("classcond", "sd3"):
         raise UserError(f"{where}: single-file checkpoints are supported for sd15/sdxl; use a diffusers folder")
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     kw = {"config": config_source} if config_source else {}

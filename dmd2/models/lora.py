@@ -7,6 +7,22 @@ import contextlib
 
 from torch import nn
 
+# A transformer's default targets: its attention's image and added-context (text) projections, as
+# diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py.
+TRANSFORMER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def target_modules(net: nn.Module, targets) -> list[str]:
+    """The recipe's ``model.lora.target_modules``; on a transformer the (UNet-oriented) default list
+    stands for ``TRANSFORMER_TARGETS``."""
+    from ..config import LoraConfig as Recipe
+    from .loader import is_transformer
+
+    targets = list(targets)
+    if is_transformer(net) and targets == Recipe.model_fields["target_modules"].default_factory():
+        return list(TRANSFORMER_TARGETS)
+    return targets
+
 
 def add_lora(unet: nn.Module, cfg, adapter_name: str = "default") -> None:
     """Freeze the base and attach a peft adapter; only the adapter trains (and gets optimizer state)."""
@@ -14,7 +30,7 @@ def add_lora(unet: nn.Module, cfg, adapter_name: str = "default") -> None:
 
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                init_lora_weights="gaussian", target_modules=list(cfg.target_modules)),
+                                init_lora_weights="gaussian", target_modules=target_modules(unet, cfg.target_modules)),
                      adapter_name=adapter_name)
 
 

@@ -9,9 +9,9 @@ from .loader import Teacher
 
 
 def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}.get(family, StableDiffusionPipeline)
 
 
 def apply_lora_file(parts: Teacher, file: Path) -> None:
@@ -23,9 +23,15 @@ def apply_lora_file(parts: Teacher, file: Path) -> None:
 
 
 def diffusers_pipeline(parts: Teacher, scheduler):
-    """A StableDiffusion(XL)Pipeline from loaded components (the UNet is ``parts.unet``)."""
-    kw = dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0],
-              unet=parts.unet, scheduler=scheduler)
+    """A StableDiffusion(XL/3)Pipeline from loaded components (the UNet or transformer is ``parts.unet``)."""
+    kw = dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], scheduler=scheduler)
+    if parts.family == "sd3":
+        kw.update(transformer=parts.unet, text_encoder_2=parts.text_encoders[1], tokenizer_2=parts.tokenizers[1],
+                  text_encoder_3=parts.text_encoders[2], tokenizer_3=parts.tokenizers[2])
+        pipe = pipeline_class(parts.family)(**kw)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    kw["unet"] = parts.unet
     if parts.family == "sdxl":
         # zero unconditional embeddings, as the SDXL teacher's CFG in training (conditioning.py)
         kw.update(text_encoder_2=parts.text_encoders[1], tokenizer_2=parts.tokenizers[1],

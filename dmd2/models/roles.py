@@ -53,7 +53,7 @@ class Critic(nn.Module):
     generator phase calls the methods below on ``engine.module`` (docs/algorithm.md §9.1).
     """
 
-    def __init__(self, teacher: Denoiser, fake: Denoiser, head: GANHead | None, gan_layer: str = "mid_block"):
+    def __init__(self, teacher: Denoiser, fake: Denoiser, head: GANHead | None, gan_layer: str | int = "mid_block"):
         super().__init__()
         self.teacher = teacher
         self.fake = fake
@@ -111,8 +111,23 @@ def load_generator(unet: torch.nn.Module, weights: dict[str, torch.Tensor], sour
     unet.load_state_dict(weights, strict=True)
 
 
+def check_gan_layer(teacher: Teacher, layer: str | int) -> None:
+    """loss.gan.feature_layer against the teacher's denoiser: UNets have a mid-block and an encoder
+    end, transformers a middle block or any block by index."""
+    if teacher.transformer:
+        from .denoiser import feature_block
+
+        try:
+            feature_block(teacher.unet, layer)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    elif isinstance(layer, int):
+        raise UserError(f"loss.gan.feature_layer: {layer} (a block index) is for transformer teachers; a UNet "
+                        "takes mid_block or encoder_end")
+
+
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
-                gradient_checkpointing: bool, gan_layer: str = "mid_block",
+                gradient_checkpointing: bool, gan_layer: str | int = "mid_block",
                 generator_init: tuple[dict, str] | None = None,
                 critic: bool = True) -> tuple[Denoiser, Critic | None]:
     """Generator and fake score start as copies of the teacher; the GAN head is random but the
@@ -145,6 +160,7 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
         return Denoiser(gen_unet, teacher.schedule), None
     head = None
     if gan:
+        check_gan_layer(teacher, gan_layer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = GANHead(teacher.mid_channels, teacher.mid_spatial(resolution))

@@ -170,7 +170,7 @@ def _from_export(folder: Path, device) -> Student:
         parts = load_teacher(str(folder))
     else:  # a UNet folder only: the rest comes from the run's teacher
         parts = teacher_of(recipe, where)
-        parts.unet = type(parts.unet).from_pretrained(folder, subfolder="unet").requires_grad_(False)
+        parts.unet = type(parts.unet).from_pretrained(folder, subfolder=parts.denoiser_folder).requires_grad_(False)
     return Student(parts, recipe, meta.get("step"), str(folder), device)
 
 
