@@ -81,7 +81,9 @@ def _usage(gen: Student, pipeline: bool) -> str:
                 "parameterisation; x = add_noise(x0, fresh randn, next t); image = vae/ decode of the last x0 "
                 "(dmd2 sample does this)")
     if pipeline and gen.schedule.kind == "flow":
-        return (f"DiffusionPipeline.from_pretrained(folder)(prompt, sigmas={flow_pipeline_sigmas(gen.timesteps)}, "
+        # diffusers loads a pipeline's null components (an SD3 without T5) only when passed as None
+        nulls = ", text_encoder_3=None, tokenizer_3=None" if len(gen.parts.text_encoders) == 2 else ""
+        return (f"DiffusionPipeline.from_pretrained(folder{nulls})(prompt, sigmas={flow_pipeline_sigmas(gen.timesteps)}, "
                 f"guidance_scale=0)  # no CFG: it is distilled in; sigmas = (t + 1) / 1000 of the trained "
                 f"timesteps {gen.timesteps}, shifted by the scheduler")
     if pipeline:

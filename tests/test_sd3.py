@@ -343,3 +343,30 @@ def test_sample_and_pipeline_export_of_an_sd3_run(sd3_run, tmp_path):
     ref = ours([999, 499])
     assert (torch.cat([x for _, x in draw(again, PROMPTS, seeds, [999, 499], range(2), 2)]).clamp(-1, 1)
             - ref).abs().max() < 1e-5
+
+
+def test_a_pipeline_without_t5_conditions_as_the_pipeline_does(tiny_teacher, tmp_path):
+    """text_encoder_3 null in model_index.json (SD3's T5-free mode, the digits-flow teacher's):
+    the T5 tokens are zeros of the joint width, as StableDiffusion3Pipeline's _get_t5_prompt_embeds."""
+    import shutil
+    from pathlib import Path
+
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = Path(shutil.copytree(tiny_teacher("sd3"), tmp_path / "no_t5"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder_3"], index["tokenizer_3"] = [None, None], [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(folder / "text_encoder_3")
+    shutil.rmtree(folder / "tokenizer_3")
+    t = load_teacher(str(folder))
+    assert t.family == "sd3" and len(t.text_encoders) == 2
+    # diffusers loads a null component only when it is passed as None
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    pe, npe, pooled, npooled = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True)
+    c = Conditioner(t, 32)
+    cond = c.encode_prompts(PROMPTS)
+    torch.testing.assert_close(cond["encoder_hidden_states"], pe)
+    torch.testing.assert_close(cond["pooled_projections"], pooled)
+    assert cond["encoder_hidden_states"][:, 77:].abs().sum() == 0
+    torch.testing.assert_close(c.uncond(2)["encoder_hidden_states"], npe)

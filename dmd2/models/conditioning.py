@@ -44,6 +44,7 @@ class Conditioner:
         cad = getattr(teacher.unet.config, "cross_attention_dim", None)
         self._null_context = teacher.family == "classcond" and cad is not None and hasattr(teacher.unet, "get_time_embed")
         self._cross_dim = cad
+        self._joint_dim = getattr(teacher.unet.config, "joint_attention_dim", None)  # SD3 transformers
         self._uncond1: dict[str, torch.Tensor] | None = None  # computed once, reused every step
 
     @property
@@ -78,7 +79,10 @@ class Conditioner:
             out = enc(self._tokenize(tok, prompts, clip_len), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out[0])  # text_embeds: the projected pooled output
-        t5 = self.encoders[2](self._tokenize(self.tokenizers[2], prompts, SD3_T5_TOKENS))[0]
+        if len(self.encoders) > 2:
+            t5 = self.encoders[2](self._tokenize(self.tokenizers[2], prompts, SD3_T5_TOKENS))[0]
+        else:  # a pipeline without T5: its _get_t5_prompt_embeds returns zeros of the joint width
+            t5 = torch.zeros(len(prompts), SD3_T5_TOKENS, self._joint_dim, device=self.device)
         clip = torch.cat(hidden, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2).float(),

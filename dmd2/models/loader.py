@@ -243,16 +243,16 @@ def _load_diffusers(source: str, denoiser: bool = True) -> Teacher:
             tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"))
     elif family == "sd3":
         # CLIP-L, CLIP-G (both with projection: their pooled outputs are used) and T5, as
-        # StableDiffusion3Pipeline's components (T5 may be left out of a pipeline: not supported here)
+        # StableDiffusion3Pipeline's components. A pipeline may leave T5 out (text_encoder_3 null in
+        # model_index.json): the pipeline then uses zeros for its tokens, and so does conditioning.py.
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-        if not model_index.get("text_encoder_3") or model_index["text_encoder_3"][0] is None:
-            raise UserError(f"{where}: an SD3 pipeline without its T5 text encoder (text_encoder_3) is not supported")
         for i in ("", "_2"):
             encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder=f"text_encoder{i}"))
             tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{i}"))
-        encoders.append(T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3"))
-        tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3"))
+        if (model_index.get("text_encoder_3") or [None])[0] is not None:
+            encoders.append(T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3"))
+            tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3"))
     elif unet.config.get("num_class_embeds") is None:
         raise UserError(f"{where} has neither text encoders nor a class embedding (num_class_embeds)")
     return Teacher(source, family, unet, _schedule_from_config(sched_cfg, where), dict(sched_cfg), vae, encoders, tokenizers)

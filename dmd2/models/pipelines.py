@@ -27,7 +27,7 @@ def diffusers_pipeline(parts: Teacher, scheduler):
     kw = dict(vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], scheduler=scheduler)
     if parts.family == "sd3":
         kw.update(transformer=parts.unet, text_encoder_2=parts.text_encoders[1], tokenizer_2=parts.tokenizers[1],
-                  text_encoder_3=parts.text_encoders[2], tokenizer_3=parts.tokenizers[2])
+                  text_encoder_3=(parts.text_encoders[2:] or [None])[0], tokenizer_3=(parts.tokenizers[2:] or [None])[0])
         pipe = pipeline_class(parts.family)(**kw)
         pipe.set_progress_bar_config(disable=True)
         return pipe
