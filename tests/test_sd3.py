@@ -280,6 +280,7 @@ def test_train_sd3_two_ranks_deepspeed_launcher(tmp_path, tiny_teacher):
     assert json.loads((run / "checkpoints/step_00000002/state.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow  # ~20 s; keeps the default suite under 15 minutes (LoRA targets: test_roles_lora_and_gan_layer_checks)
 def test_train_sd3_lora_1step_checkpointed_and_sample(tmp_path, tiny_teacher):
     """1 step, LoRA generator and LoRA fake score on the teacher's frozen transformer, its own gradient
     checkpointing, the GAN head on block 0: trains under ZeRO-3, and the merged student draws."""

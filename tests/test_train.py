@@ -113,7 +113,8 @@ def test_a_cosine_run_cannot_be_extended(tmp_path):
                                                           base + ["train.max_steps=20"]))
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+# ZeRO-1 (the digits recipes' stage) is marked slow to keep the default suite under 15 minutes
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_generator_ema_is_the_average_of_its_updates_and_resumes(tmp_path, tiny_teacher, stage):
     """train.ema_decay: with one generator update per step, the EMA saved at step 3 is
     d * EMA(2) + (1 - d) * W(3) with the warm-up's d = min(0.75, 3/12), also when step 3 runs in a
