@@ -31,7 +31,7 @@ import torch
 
 from . import faults
 from .errors import UserError
-from .files import cache_root, save_shard, shard_state, sidecar, writer_tag
+from .files import cache_root, save_shard, shard_state, sidecar, size_and_time, writer_tag
 from .models.conditioning import cond_to
 
 FORMAT = 2  # bump when what is stored or how it is encoded changes (2: checksum sidecars)
@@ -49,14 +49,6 @@ def default_root() -> Path:
     return cache_root("conditioning")
 
 
-def _stat(path: Path) -> list:
-    try:
-        st = path.stat()
-        return [st.st_size, st.st_mtime_ns]
-    except OSError:
-        return [-1, -1]
-
-
 def teacher_fingerprint(source: str, config_source: str | None = None) -> dict:
     """What identifies the teacher's encoders without hashing gigabytes: a local folder's encoder,
     tokenizer and VAE files by size and modification time; a single file likewise; a hub id by
@@ -65,9 +57,9 @@ def teacher_fingerprint(source: str, config_source: str | None = None) -> dict:
     if p.is_dir():
         files = sorted(f for part in _TEACHER_PARTS for f in ([p / part] if (p / part).is_file() else
                                                                (p / part).rglob("*")) if f.is_file())
-        return {"path": str(p.resolve()), "files": [[str(f.relative_to(p)), *_stat(f)] for f in files]}
+        return {"path": str(p.resolve()), "files": [[str(f.relative_to(p)), *size_and_time(f)] for f in files]}
     if p.is_file():
-        return {"path": str(p.resolve()), "file": _stat(p), "config": config_source}
+        return {"path": str(p.resolve()), "file": size_and_time(p), "config": config_source}
     try:
         from huggingface_hub import try_to_load_from_cache
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .files import size_and_time
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_FILES = ("captions.jsonl", "metadata.jsonl")
@@ -73,7 +74,7 @@ def prompts_fingerprint(path: str | Path, caption_column: str = "text") -> str:
         from .sources import table_files
 
         files = [f for f, _ in table_files(p, "data.prompts")]
-        blob = json.dumps({"files": [[str(f.resolve()), *_stat(f)] for f in files], "column": caption_column})
+        blob = json.dumps({"files": [[str(f.resolve()), *size_and_time(f)] for f in files], "column": caption_column})
         return hashlib.sha256(blob.encode()).hexdigest()
     from .files import sha256_file
 
@@ -101,14 +102,6 @@ class RealItem:
     path: Path
     caption: str | None = None
     label: int | None = None
-
-
-def _stat(path: Path) -> list:
-    try:
-        st = path.stat()
-        return [st.st_size, st.st_mtime_ns]
-    except OSError:
-        return [-1, -1]
 
 
 def _load_image(path, resolution: int) -> torch.Tensor:
@@ -257,7 +250,7 @@ class RealImages(ImageSource):
         """The items (paths, captions, labels) and each file's size and time."""
         h = hashlib.sha256()
         for it in self.items:
-            h.update(json.dumps([str(it.path), it.caption, it.label, *_stat(it.path)]).encode())
+            h.update(json.dumps([str(it.path), it.caption, it.label, *size_and_time(it.path)]).encode())
         return {"root": str(self.root.resolve()), "items": len(self.items), "sha256": h.hexdigest()}
 
 

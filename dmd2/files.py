@@ -15,6 +15,15 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def size_and_time(path: Path) -> list:
+    """[size, mtime_ns] of a file, [-1, -1] when it cannot be read: what the caches key files by."""
+    try:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [-1, -1]
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write to a temp file, fsync, rename over ``path``, fsync the folder: all or nothing."""
     tmp = path.with_name(path.name + ".tmp")

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import CAPTION_FILES, IMAGE_EXTS, ImageSource, RealItem, _build_hint, _load_image, _stat, _text_of
+from .data import CAPTION_FILES, IMAGE_EXTS, ImageSource, RealItem, _build_hint, _load_image, _text_of
 from .errors import UserError
+from .files import size_and_time
 
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTS)
 _ROW_GROUPS_CACHED = 4  # parquet row groups kept decoded (the cache builder reads in order: one suffices)
@@ -119,7 +120,7 @@ def source_kind(spec: str, field: str = "data.real_images") -> tuple[str, list[P
 
 
 def _files_fingerprint(files: list[Path]) -> list:
-    return [[str(f.resolve()), *_stat(f)] for f in files]
+    return [[str(f.resolve()), *size_and_time(f)] for f in files]
 
 
 class _Items(Sequence):
