@@ -76,7 +76,9 @@ class TransformerSettings:
     warmup_steps: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    timesteps: str = "logit_normal"  # or "uniform"
+    # "uniform" or "logit_normal" (SD3's default; with mean 0, std 1 it trains s > 0.9 on 1.4% of
+    # the samples, and at 8 x 8 x 4 those first steps decide the digit: see the module docstring)
+    timesteps: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
 
@@ -319,8 +321,7 @@ class CheckSettings:
     seed: int = 0
     # (network steps, guidance scale, scheduler shift); guidance 1.0 = no CFG
     runs: tuple[tuple[int, float, float], ...] = (
-        (50, 1.0, SHIFT), (50, 2.0, 1.0), (50, 2.0, 3.0), (50, 3.0, 1.0), (50, 3.0, 3.0), (50, 4.0, SHIFT),
-        (1, 3.0, SHIFT), (4, 3.0, SHIFT))
+        (50, 1.0, SHIFT), (50, 4.0, 1.0), (50, 4.0, 3.0), (50, 8.0, SHIFT), (1, 4.0, SHIFT), (4, 4.0, SHIFT))
 
 
 def load_pipeline(folder: str | Path = CHECKED_IN):
