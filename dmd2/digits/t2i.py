@@ -271,12 +271,15 @@ def load_tokenizer(folder: str | Path):
     return tok
 
 
-def build_text_encoders(tokenizers, s: TextSettings, seed: int):
-    """``CLIPTextModel`` and ``CLIPTextModelWithProjection``, randomly initialised (seeded), frozen."""
+def build_text_encoders(tokenizers, s: TextSettings, seed: int, *, both_projected: bool = False):
+    """``CLIPTextModel`` and ``CLIPTextModelWithProjection``, randomly initialised (seeded), frozen.
+    ``both_projected``: the first one a ``CLIPTextModelWithProjection`` too (SD3's layout; its text
+    model gets the same weights, the projection is drawn after them)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    first = CLIPTextModelWithProjection if both_projected else CLIPTextModel
     encoders = []
-    for i, (cls, tok, act) in enumerate(((CLIPTextModel, tokenizers[0], "quick_gelu"),
+    for i, (cls, tok, act) in enumerate(((first, tokenizers[0], "quick_gelu"),
                                          (CLIPTextModelWithProjection, tokenizers[1], "gelu"))):
         cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
                              num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
