@@ -5,8 +5,9 @@ The authors re-encode every step; the encoders are frozen, so the same tensors c
 time. Training reads rows of the cache by the same indices it would have encoded (``data.cache``).
 
 The cache folder is keyed by everything its contents depend on: the teacher's text encoders,
-tokenizers and VAE (file sizes and times), the family, the resolution, the prompts file (sha256)
-and the real images (captions file sha256, each image's size and time), and the format below.
+tokenizers and VAE (file sizes and times), the family, the resolution, the prompts (a file's sha256,
+a table's files) and the real images (the source's ``fingerprint``: its items' names and captions,
+its files' sizes and times), and the format below.
 Change any of them and a new folder is built; a resumed run finds the same folder. Items are
 stored in chunks of ``CHUNK`` rows, each encoded in fixed sub-batches, so a chunk's contents do
 not depend on how many ranks built it. Ranks build chunks round-robin. A chunk file appears
