@@ -117,10 +117,11 @@ def test_unreadable_images_are_skipped_as_without_cache(tiny_teacher, cache_dir,
         torch.testing.assert_close(a.real, b.real, rtol=1e-5, atol=1e-6)
 
 
-def test_training_losses_with_and_without_cache(tiny_teacher, tmp_path):
+def test_prepared_cache_is_what_train_reads(tiny_teacher, tmp_path):
     """Through the CLI: ``dmd2 prepare`` builds the cache under the key training looks for, so the
-    run after it encodes nothing (its files untouched, no encoding bar); and that run's losses
-    equal the per-step-encoding run's (to float rounding of batch composition in the encoders)."""
+    run after it encodes nothing (its files untouched, no encoding bar); that run's losses equal a
+    run that encodes every step (data.cache=false, slow: the batches themselves are compared in
+    test_cached_batches_equal_encoded_batches)."""
     teacher = tiny_teacher("sd15")
     env = {"DMD2_CACHE_DIR": str(tmp_path / "cache")}
     common = ("recipes/tiny_sd15.yaml", f"model.teacher={teacher}")
@@ -129,15 +130,25 @@ def test_training_losses_with_and_without_cache(tiny_teacher, tmp_path):
     assert "12 images" in res.stdout and "16 prompts" in res.stdout
     (folder,) = (tmp_path / "cache").iterdir()
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    run = tmp_path / "cached"
+    res = run_cli("train", *common, f"output_dir={run}", "train.max_steps=3", "train.update_ratio=1", **env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "conditioning cache found" in res.stdout and "encoding" not in res.stderr, res.stdout[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert set(loss_curve(run)) == {1, 2, 3}
+
+
+@pytest.mark.slow  # ~10 s; make test-all
+def test_cached_and_encoded_runs_have_the_same_losses(tiny_teacher, tmp_path):
+    teacher = tiny_teacher("sd15")
+    env = {"DMD2_CACHE_DIR": str(tmp_path / "cache")}
     curves = {}
     for name, extra in (("cached", []), ("encoded", ["data.cache=false"])):
         run = tmp_path / name
-        res = run_cli("train", *common, f"output_dir={run}", "train.max_steps=3", "train.update_ratio=1", *extra, **env)
+        res = run_cli("train", "recipes/tiny_sd15.yaml", f"model.teacher={teacher}", f"output_dir={run}",
+                      "train.max_steps=3", "train.update_ratio=1", *extra, **env)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
         curves[name] = loss_curve(run)
-        if name == "cached":
-            assert "conditioning cache found" in res.stdout and "encoding" not in res.stderr, res.stdout[-2000:]
-            assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
     for step, losses in curves["cached"].items():
         for k, v in losses.items():
             assert v == pytest.approx(curves["encoded"][step][k], rel=1e-4, abs=1e-7), (step, k)

@@ -124,7 +124,9 @@ def test_paths_that_are_files_are_one_line_errors(teacher, tmp_path):
 # a full disk during a save
 
 # Two points in the default suite (the first shard and the commit); every point under `make reliability`.
-SAVE_POINTS = ["save_after_generator", pytest.param("save_after_critic", marks=pytest.mark.slow),
+# the default suite keeps one point (under 15 minutes); make reliability and make test-all run them all
+SAVE_POINTS = [pytest.param("save_after_generator", marks=pytest.mark.slow),
+               pytest.param("save_after_critic", marks=pytest.mark.slow),
                "save_before_commit", pytest.param("save_after_commit", marks=pytest.mark.slow),
                pytest.param("rotate_after_uncommit", marks=pytest.mark.slow)]
 

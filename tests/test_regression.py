@@ -60,6 +60,7 @@ def test_pairs_hold_the_teachers_ode_output_for_their_noise(pairs):
     torch.testing.assert_close(rows["target"][0], shard["target"][1])
 
 
+@pytest.mark.slow  # 27 s; keeps the default suite under 15 minutes (make test-all runs it)
 def test_pairs_survive_a_kill_and_do_not_depend_on_the_ranks(tmp_path, pairs):
     teacher, reference = pairs
     killed = tmp_path / "killed"

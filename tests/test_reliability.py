@@ -206,6 +206,7 @@ def test_checkpoint_from_before_the_critic_rename_resumes_exactly(teacher, refer
     assert_same_state(checkpoint.latest(run), checkpoint.latest(reference))
 
 
+@pytest.mark.slow  # 35 s; make reliability runs it (external SIGTERM: test_external_sigterm_exits_within_seconds)
 def test_sigterm_mid_save_and_mid_step_saves_and_exits_0(teacher, reference, tmp_path):
     run = tmp_path / "run"
     res = _ok(run_cli(*_train_args(teacher, run), fault="term:save_after_generator@2"))
