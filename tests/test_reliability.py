@@ -294,6 +294,7 @@ def test_two_ranks_sigterm_to_one_rank_and_exact_resume(teacher, tmp_path_factor
     assert_same_state(checkpoint.latest(run), checkpoint.latest(ref))
 
 
+@pytest.mark.slow  # 20 s; under 15 minutes (make reliability)
 def test_a_dead_rank_stops_the_others_with_a_message(teacher, tmp_path):
     run = tmp_path / "run"
     t0 = time.time()

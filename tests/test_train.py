@@ -10,6 +10,7 @@ from helpers import REPO, check_run, metrics, run_cli
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
+@pytest.mark.slow  # 20 s; under 15 minutes (wandb's step axis is also in test_eval_all.py)
 def test_train_logs_previews_and_wandb_offline(tmp_path, tiny_teacher):
     """Preview grids every N steps and wandb in offline mode (no network needed)."""
     teacher = tiny_teacher("sd15")

@@ -71,6 +71,7 @@ def test_generator_init_starts_where_the_source_run_ended(source_run, tmp_path, 
                for k in saved if k.startswith("fake."))
 
 
+@pytest.mark.slow  # 26 s; under 15 minutes (the weights: test_generator_init_starts_where_the_source_run_ended)
 def test_a_warm_run_trains_and_says_where_it_started(tmp_path, source_run):
     teacher, source = source_run
     run = tmp_path / "warm"
