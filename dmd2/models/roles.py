@@ -123,6 +123,23 @@ def load_generator(unet: torch.nn.Module, weights: dict[str, torch.Tensor], sour
     unet.load_state_dict(weights, strict=True)
 
 
+def _checkpoint(module, *args):
+    """diffusers' default gradient checkpointing (non-reentrant torch.utils.checkpoint of the block,
+    modeling_utils.py enable_gradient_checkpointing) without the recomputation's metadata check.
+
+    Under ZeRO-3 the check can fail on correct values: until its trace is complete (the engine's
+    first iteration) DeepSpeed releases every parameter of a module after its forward, persistent
+    ones too (partitioned_param_coordinator.py release_sub_module), so a parameter that an op saved
+    itself, e.g. FLUX's RMSNorm query/key weights (torch.nn.RMSNorm: rms_norm multiplies by the weight),
+    reads as empty when the recomputed tensors are compared, and is gathered again before its
+    module's backward. tests/test_engines.py's FLUX rig (persistent and partitioned parameters,
+    checkpointing) compares the gradients with plain PyTorch's.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(module.__call__, *args, use_reentrant=False, determinism_check="none")
+
+
 def check_gan_layer(teacher: Teacher, layer: str | int) -> None:
     """loss.gan.feature_layer against the teacher's denoiser: UNets have a mid-block and an encoder
     end, transformers a middle block or any block by index."""
@@ -162,7 +179,8 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
         unet.requires_grad_(True).train()
         without_dropout(unet)
         if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()  # non-reentrant: works when a module runs twice per backward
+            # non-reentrant: works when a module runs twice per backward
+            unet.enable_gradient_checkpointing(_checkpoint)
     if lora is not None and (lora.enabled or shared):
         from .lora import add_lora
 
