@@ -111,6 +111,11 @@ def test_loader_reads_flux(tiny_teacher, dev, schnell, tmp_path):
     meta = load_teacher(str(tiny_teacher("flux")), denoiser=False, resolution=32)
     assert next(meta.unet.parameters()).is_meta and meta.flux and meta.mid_spatial(32) == 4
     assert len(meta.text_encoders) == 2 and meta.vae is not None
+    # the dynamic shift is read for FLUX only (other pipelines' calculate_shift fallbacks differ)
+    from dmd2.models.loader import _schedule_from_config
+
+    with pytest.raises(UserError, match="use_dynamic_shifting .* FLUX teachers only"):
+        _schedule_from_config(dict(dev.scheduler_config), "model.teacher: 'x'")
     # a single-file FLUX checkpoint (Black Forest Labs' layout) is refused in one line
     from safetensors.torch import save_file
 
