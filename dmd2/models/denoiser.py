@@ -78,11 +78,12 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 def latent_image_ids(height: int, width: int, device) -> torch.Tensor:
     """The RoPE ids of the packed tokens of ``height`` x ``width`` latents: (0, row, column) per token
     (FluxPipeline._prepare_latent_image_ids at height/2, width/2). float32: the transformer's
-    FluxPosEmbed reads them as float whatever the model's dtype."""
-    ids = torch.zeros(height // 2, width // 2, 3)
-    ids[..., 1] = ids[..., 1] + torch.arange(height // 2)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(width // 2)[None, :]
-    return ids.reshape(-1, 3).to(device)
+    FluxPosEmbed reads them as float whatever the model's dtype. Made on ``device``: a host-to-device
+    copy on every call would be a sync."""
+    ids = torch.zeros(height // 2, width // 2, 3, device=device)
+    ids[..., 1] = ids[..., 1] + torch.arange(height // 2, device=device)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(width // 2, device=device)[None, :]
+    return ids.reshape(-1, 3)
 
 
 def _flux_kwargs(x_in: torch.Tensor, t_in: torch.Tensor, cond: dict[str, torch.Tensor], guidance: float | None,
@@ -248,7 +249,7 @@ class Denoiser(nn.Module):
                  layer: str | int = "mid_block") -> torch.Tensor:
         """Mid-block (or ``layer="encoder_end"``: last down block) activations at (x_t, t, cond),
         for the GAN head; for a transformer, the image tokens after the middle block (or block
-        ``layer``) as a B x D x H/p x W/p map."""
+        ``layer``) as a B x D x H/p x W/p map (FLUX: B x D x H/2 x W/2, its packing grid)."""
         dtype = unet_dtype(self.unet)
         x_in, t_in = self.schedule.model_input(x_t, t)
         if is_flux(self.unet):
