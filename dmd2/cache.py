@@ -397,7 +397,7 @@ def prepare(recipe, recipe_path: str | Path | None = None, *, progress: bool = T
     rank, world = dist_env()
     barrier(world)  # starts the gloo group the cache's barriers use
     started = time.perf_counter()
-    teacher = load_teacher(m.teacher, m.family, m.teacher_config, denoiser=False)
+    teacher = load_teacher(m.teacher, m.family, m.teacher_config, denoiser=False, resolution=recipe.train.resolution)
     if teacher.family == "classcond" and d.real_images is None:
         raise UserError("data.real_images: a class-conditional teacher's cache holds real-image latents only; "
                         "without data.real_images there is nothing to prepare")

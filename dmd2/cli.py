@@ -167,7 +167,9 @@ def ode_pairs(
 
 @app.command("make-tiny-teacher")
 def make_tiny_teacher(
-    family: str = typer.Argument(..., help="sd15, sdxl, sd3, classcond, classcond-v or classcond-edm."),
+    family: str = typer.Argument(..., help="sd15, sdxl, sd3, flux (FLUX.1-dev-like: guidance-distilled, dynamic "
+                                 "shift), flux-schnell (no guidance input: distilled with CFG), classcond, "
+                                 "classcond-v or classcond-edm."),
     out: Path = typer.Argument(..., help="Folder to write the diffusers-format teacher into."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
 ) -> None:
@@ -379,11 +381,11 @@ def eval_(
 def export(
     source: Path = typer.Argument(..., help="A run folder (its newest committed checkpoint)."),
     out: Path = typer.Option(..., "--out", help="A new (or empty) folder to write."),
-    fmt: str = typer.Option("diffusers", "--format", help="diffusers: UNet (SD3: transformer) folder (full weights); lora: the LoRA adapter "
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers: UNet (SD3, FLUX: transformer) folder (full weights); lora: the LoRA adapter "
                             "of a LoRA run as one .safetensors."),
-    pipeline: bool = typer.Option(False, "--pipeline", help="A complete diffusers pipeline folder (SD1.5/SDXL/SD3): "
+    pipeline: bool = typer.Option(False, "--pipeline", help="A complete diffusers pipeline folder (SD1.5/SDXL/SD3/FLUX): "
                                   "the teacher's VAE, text encoders, tokenizers and a scheduler that steps as the distilled "
-                                  "sampler (LCMScheduler; SD3: FlowMatchEuler with stochastic sampling)."),
+                                  "sampler (LCMScheduler; SD3, FLUX: FlowMatchEuler with stochastic sampling)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
     lora_style: str = typer.Option("diffusers", "--lora-style", help="Key names of --format lora: diffusers, or kohya "
                                    "(ComfyUI / A1111)."),

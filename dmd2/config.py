@@ -74,7 +74,8 @@ class LoraConfig(_Section):
     alpha: Float = Field(8.0, gt=0)
     dropout: Float = Field(0.0, ge=0, lt=1)
     # On a transformer teacher (SD3) this default list stands for the attention's image and text
-    # projections (to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; dmd2.models.lora.TRANSFORMER_TARGETS).
+    # projections (to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; dmd2.models.lora.TRANSFORMER_TARGETS);
+    # on FLUX for those and the double-stream blocks' feed-forwards (dmd2.models.lora.FLUX_TARGETS).
     target_modules: list[str] = Field(
         default_factory=lambda: [
             "to_q",
@@ -102,7 +103,7 @@ class ModelConfig(_Section):
     # For single-file teachers: a hub id or diffusers folder that supplies the configs.
     teacher_config: str | None = Field(None, min_length=1)
     # Checked against the teacher when it is loaded.
-    family: Literal["auto", "sd15", "sdxl", "sd3", "classcond"] = "auto"
+    family: Literal["auto", "sd15", "sdxl", "sd3", "flux", "classcond"] = "auto"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Warm starts (docs/algorithm.md §10): the generator from a previous run's newest committed
     # checkpoint (its EMA when it kept one) or any `dmd2 export` of the same UNet, e.g. the
@@ -161,8 +162,9 @@ class GanConfig(_Section):
     # Which fake-score activations the GAN head reads (docs/algorithm.md §6): "mid_block", the
     # bottleneck after the mid-block (the authors' SD code), or "encoder_end", the last down block's
     # output before the mid-block (the authors' EDM ImageNet code). Same channels and size.
-    # Transformer teachers (SD3): "mid_block" is the output of the middle transformer block
-    # ((L-1)//2 of L), an integer the output of that block, as a map of image tokens.
+    # Transformer teachers (SD3, FLUX): "mid_block" is the output of the middle transformer block
+    # ((L-1)//2 of L; FLUX counts its double-stream blocks, then its single-stream ones), an integer
+    # the output of that block, as a map of image tokens.
     feature_layer: Literal["mid_block", "encoder_end"] | Annotated[int, Strict(), Field(ge=0)] = "mid_block"
 
 
@@ -230,7 +232,9 @@ class TrainConfig(_Section):
     # (0 = off), with diffusers' warm-up: update n uses min(ema_decay, n / (n + 9)). When on,
     # sample/eval/export use the EMA weights.
     ema_decay: Float = Field(0.0, ge=0, lt=1)
-    resolution: Int | None = Field(None, ge=8)  # None: the teacher's native resolution
+    # None: the teacher's native resolution. FLUX teachers record none: set it (FLUX.1: 1024); their
+    # noise schedule (FLUX.1-dev's resolution-dependent shift) is built for it.
+    resolution: Int | None = Field(None, ge=8)
     # A checkpoint folder to resume from; None resumes from output_dir's newest good checkpoint.
     resume_from: str | None = Field(None, min_length=1)
     # Steps whose loss or gradient is NaN/Inf are skipped; this many in a row stop the run.

@@ -1,7 +1,8 @@
 """``dmd2 export``: a run's generator as files that diffusers, ComfyUI and A1111 load.
 
-- ``diffusers``: ``unet/`` (``transformer/`` for SD3; safetensors, fp32/fp16/bf16). With ``pipeline``
-  (SD1.5/SDXL/SD3), a whole StableDiffusion(XL/3)Pipeline folder (the teacher's VAE, text encoders
+- ``diffusers``: ``unet/`` (``transformer/`` for SD3 and FLUX; safetensors, fp32/fp16/bf16). With
+  ``pipeline`` (SD1.5/SDXL/SD3/FLUX), a whole StableDiffusion(XL/3)Pipeline or FluxPipeline folder
+  (the teacher's VAE, text encoders
   and tokenizers) whose scheduler steps exactly as the distilled sampler (predict x0, re-noise it to
   the next timestep with fresh noise, return the last x0): an ``LCMScheduler`` for DDPM teachers, a
   ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling`` for flow teachers. Class-conditional
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .models.conditioning import FLUX_T5_TOKENS
 from .models.pipelines import diffusers_pipeline
 from .models.student import DTYPES, Student, export_metadata, is_export, load_student, write_export_meta
 
@@ -50,7 +52,8 @@ def distilled_flow_scheduler(scheduler_config: dict):
     """The flow teacher's FlowMatchEulerDiscreteScheduler with ``stochastic_sampling``: its step is
     x0 = x - s v, then (1 - s_next) x0 + s_next * fresh noise (diffusers'
     scheduling_flow_match_euler_discrete.py), the distilled sampler's step. Called with
-    ``sigmas=flow_pipeline_sigmas(timesteps)``, which its shift maps to the trained noise levels."""
+    ``sigmas=flow_pipeline_sigmas(timesteps)``, which its shift maps to the trained noise levels
+    (a dynamic shift, FLUX.1-dev's: at the trained height and width, as ``_usage`` passes them)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
@@ -80,6 +83,17 @@ def _usage(gen: Student, pipeline: bool) -> str:
         return ("x = sigma_or_1(t0) * randn; for each t in timesteps: x0 = x0-prediction of unet/ with scheduler/'s "
                 "parameterisation; x = add_noise(x0, fresh randn, next t); image = vae/ decode of the last x0 "
                 "(dmd2 sample does this)")
+    if pipeline and gen.family == "flux":
+        # a guidance-distilled student keeps the guidance input it was trained at (models.roles.guided_x0);
+        # without one, guidance_scale is unused (as FLUX.1-schnell's). height and width: FluxPipeline's
+        # dynamic shift (mu) depends on them, and the conditioning on max_sequence_length
+        g = gen.parts.guidance(gen.recipe.loss.cfg_scale)
+        return (f"DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps={K}, "
+                f"sigmas={flow_pipeline_sigmas(gen.timesteps)}, guidance_scale={0.0 if g is None else g}, "
+                f"height={gen.resolution}, width={gen.resolution}, max_sequence_length={FLUX_T5_TOKENS})  # "
+                + ("the guidance it was distilled at; no CFG (true_cfg_scale 1)" if g is not None else
+                   "no CFG: it is distilled in")
+                + f"; sigmas = (t + 1) / 1000 of the trained timesteps {gen.timesteps}, shifted by the scheduler")
     if pipeline and gen.schedule.kind == "flow":
         # diffusers loads a pipeline's null components (an SD3 without T5) only when passed as None
         nulls = ", text_encoder_3=None, tokenizer_3=None" if len(gen.parts.text_encoders) == 2 else ""
@@ -89,7 +103,7 @@ def _usage(gen: Student, pipeline: bool) -> str:
     if pipeline:
         return (f"DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps={K}, "
                 f"timesteps={gen.timesteps}, guidance_scale=0)  # no CFG: it is distilled in")
-    if gen.family == "sd3":
+    if gen.family in ("sd3", "flux"):
         return "the transformer of the teacher's pipeline; sample it with dmd2 sample, or export with --pipeline"
     return "the UNet of the teacher's pipeline; sample it with dmd2 sample, or with --pipeline's LCMScheduler"
 
@@ -118,7 +132,7 @@ def export(run: str | Path, out: str | Path, *, fmt: str = "diffusers", pipeline
     lora = gen.recipe.model.lora.enabled
     if fmt == "lora" and not lora:
         raise UserError(f"--format lora: {run} trained full weights, not a LoRA; use --format diffusers")
-    if fmt == "lora" and gen.family in ("classcond", "sd3"):
+    if fmt == "lora" and gen.family in ("classcond", "sd3", "flux"):
         raise UserError(f"--format lora: LoRA files are for SD1.5/SDXL pipelines; use --merge-lora for a "
                         f"{'class-conditional' if gen.family == 'classcond' else gen.family} model")
     if fmt == "diffusers" and lora and not merge_lora:

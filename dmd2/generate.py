@@ -20,7 +20,7 @@ import torch
 from .errors import UserError
 from .models import Conditioner, Denoiser, Teacher, vae
 from .models.loader import TEXT_FAMILIES
-from .models.pipelines import diffusers_pipeline, teacher_scheduler
+from .models.pipelines import diffusers_pipeline, guidance_kwargs, teacher_scheduler
 from .models.student import Student, fp32, load_student
 from .sampling import Noise, sample
 from .schedule import T
@@ -218,8 +218,9 @@ def teacher_draw(teacher: Teacher, conds: Sequence[str | int], seeds: Sequence[i
                  progress: bool = False) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Like ``draw``, for the teacher at ``steps`` network calls per image (x2 with CFG).
 
-    Text models: the diffusers pipeline with the teacher's own scheduler and CFG ``cfg_scale``
-    (one torch.Generator per image: seed i draws image i's initial and any scheduler noise).
+    Text models: the diffusers pipeline with the teacher's own scheduler and CFG ``cfg_scale``, or
+    FLUX.1-dev's guidance input at ``cfg_scale`` (``pipelines.guidance_kwargs``; one torch.Generator
+    per image: seed i draws image i's initial and any scheduler noise).
     Class-conditional models: ``sampling.sample(deterministic=True)`` (DDIM / Euler) through the
     same denoiser interface as training.
     """
@@ -238,7 +239,7 @@ def teacher_draw(teacher: Teacher, conds: Sequence[str | int], seeds: Sequence[i
     for chunk in _batches(positions, batch_size, progress, f"teacher {steps} steps"):
         if text:
             gens = [torch.Generator().manual_seed(int(seeds[i])) for i in chunk]
-            images = pipe([conds[i] for i in chunk], num_inference_steps=steps, guidance_scale=cfg_scale,
+            images = pipe([conds[i] for i in chunk], num_inference_steps=steps, **guidance_kwargs(teacher, cfg_scale, len(chunk)),
                           generator=gens, height=resolution, width=resolution, output_type="pt").images
             yield chunk, images.float() * 2 - 1
         else:

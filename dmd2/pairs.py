@@ -92,7 +92,7 @@ def draw_pairs(recipe, out: str | Path, *, num_pairs: int, steps: int = 50, shar
     out = Path(out)
     device = torch.device(device or default_device())
     m = recipe.model
-    teacher = load_teacher(m.teacher, m.family, m.teacher_config)
+    teacher = load_teacher(m.teacher, m.family, m.teacher_config, resolution=recipe.train.resolution)
     resolution = teacher.training_resolution(recipe.train.resolution)
     teacher.check_cfg(recipe.loss.cfg_scale)
     settings = _settings(recipe, teacher, num_pairs=num_pairs, steps=steps, shard_size=shard_size,
@@ -118,7 +118,7 @@ def draw_pairs(recipe, out: str | Path, *, num_pairs: int, steps: int = 50, shar
 
     for mod in (teacher.unet, *teacher.text_encoders):
         fp32(mod, device)
-    denoiser = Denoiser(teacher.unet.eval(), teacher.schedule)
+    denoiser = Denoiser(teacher.unet.eval(), teacher.schedule, teacher.guidance(recipe.loss.cfg_scale))
     uncond = cond.uncond(1) if cond.text and recipe.loss.cfg_scale != 1.0 else None
     ts = teacher_timesteps(steps)
     shape = settings["shape"]

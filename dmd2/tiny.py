@@ -8,6 +8,12 @@
                         blocks) on 8x8x16 latents of a 16-channel VAE with a shift factor (32x32 RGB),
                         two CLIP encoders with projection, a T5 encoder with an offline Unigram
                         tokenizer, ``FlowMatchEulerDiscreteScheduler`` with shift 3.0 (as SD3).
+* ``flux``           -- ``FluxPipeline`` folder, FLUX.1-dev-like: a ``FluxTransformer2DModel`` (2 double-stream
+                        and 2 single-stream blocks, RoPE, ``guidance_embeds``: guidance-distilled) on 8x8x16
+                        latents packed 2x2 into 16 tokens of 64 (32x32 RGB), a CLIP encoder (its pooled
+                        output) and a T5 encoder, the dynamically shifted scheduler FLUX.1-dev ships.
+* ``flux-schnell``   -- the same without the guidance embedding and with a static shift of 1.0 (as
+                        FLUX.1-schnell): distilled with real CFG.
 * ``classcond``      -- pixel-space class-conditional ``unet/`` (``UNet2DModel``, 16x16x3, 10 classes)
                         plus ``scheduler/`` (``DDPMScheduler``, epsilon prediction).
 * ``classcond-v``    -- the same with ``prediction_type="v_prediction"``.
@@ -23,7 +29,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-FAMILIES = ("sd15", "sdxl", "sd3", "classcond", "classcond-v", "classcond-edm")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "flux-schnell", "classcond", "classcond-v", "classcond-edm")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -373,6 +379,52 @@ def _make_sd3(out: Path, seed: int) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
 
 
+def _make_flux(out: Path, seed: int, schnell: bool) -> None:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    t5_width = 48
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels packed 2x2 (FluxPipeline._pack_latents)
+        num_layers=2,  # double-stream (MMDiT) blocks
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=32,  # the CLIP's hidden size: FluxPipeline conditions on its pooler_output
+        guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6),  # RoPE over (text/image index, row, column); sums to the head dim
+    )
+    # FLUX.1's VAE: 16 latent channels, its scaling and shift factors, no quant convs
+    vae = _tiny_vae(seed, scaling_factor=0.3611, force_upcast=False, latent_channels=16, shift_factor=0.1159,
+                    use_quant_conv=False, use_post_quant_conv=False)
+    tokenizer = make_tiny_clip_tokenizer()
+    tokenizer_2 = make_tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=t5_width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0,
+    ))
+    # The scheduler configs FLUX.1-schnell and FLUX.1-dev ship: schnell a static shift of 1.0, dev the
+    # resolution-dependent shift (mu from the image token count; its shift 3.0 is then unused)
+    shift = dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = (FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, **shift)
+                 if schnell else
+                 FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, **shift))
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
 def _make_classcond(out: Path, seed: int, family: str) -> None:
     import torch
     from diffusers import DDPMScheduler, EDMEulerScheduler, UNet2DModel
@@ -425,6 +477,8 @@ def make_tiny_teacher(family: str, out: str | Path, *, seed: int = 0) -> Path:
             _make_sdxl(out, seed)
         elif family == "sd3":
             _make_sd3(out, seed)
+        elif family in ("flux", "flux-schnell"):
+            _make_flux(out, seed, schnell=family == "flux-schnell")
         else:
             _make_classcond(out, seed, family)
     return out

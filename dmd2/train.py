@@ -167,7 +167,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
     device = engines.device()
     m = recipe.model
     with phase(f"teacher loaded: {m.teacher}"):
-        teacher = load_teacher(m.teacher, m.family, m.teacher_config)
+        teacher = load_teacher(m.teacher, m.family, m.teacher_config, resolution=t.resolution)
     resolution = teacher.training_resolution(t.resolution)
     timesteps = recipe.generator.resolved_timesteps()
     reg = recipe.regression  # the regression stage (docs/algorithm.md §10): the generator alone, on ODE pairs
@@ -200,7 +200,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
                                            resolution=resolution, seed=t.seed,
                                            gradient_checkpointing=t.gradient_checkpointing,
                                            gan_layer=recipe.loss.gan.feature_layer, generator_init=gen_init,
-                                           critic=reg is None)
+                                           critic=reg is None, cfg_scale=recipe.loss.cfg_scale)
     del gen_init
     if fresh and m.critic_init:
         warm.append(warmstart.load_critic(critic_module, m.critic_init))

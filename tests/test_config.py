@@ -47,7 +47,7 @@ def _base(**changes) -> dict:
 def test_recipes_exist():
     names = {p.stem for p in RECIPES}
     assert {"sdxl_4step", "sdxl_1step", "sd15_1step", "imagenet64_1step"} <= names
-    assert {"tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_classcond"} <= names
+    assert {"tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_flux", "tiny_classcond"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -235,7 +235,7 @@ BAD = {
         [],
         ["generator.backward_simulation", "data.real_images"],
     ),
-    "family": (_base(model__family="flux"), [], ["model.family", "'flux'"]),
+    "family": (_base(model__family="sd2"), [], ["model.family", "'sd2'"]),
     "precision": (_base(train__precision="fp16"), [], ["train.precision"]),
     "wandb_mode": (_base(logging={"wandb": {"mode": "cloud"}}), [], ["logging.wandb.mode"]),
     "lora_rank": (_base(model__lora={"rank": 0}), [], ["model.lora.rank"]),

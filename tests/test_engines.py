@@ -39,8 +39,9 @@ def _rig(tiny_teacher, family: str, layout: str) -> dict:
 
     threshold, checkpointing = LAYOUTS[layout]
     engines.init_distributed()
-    teacher = load_teacher(str(tiny_teacher(family)))
-    gen, critic = build_roles(teacher, gan=True, resolution=32, seed=0, gradient_checkpointing=checkpointing)
+    teacher = load_teacher(str(tiny_teacher(family)), resolution=32)
+    gen, critic = build_roles(teacher, gan=True, resolution=32, seed=0, gradient_checkpointing=checkpointing,
+                              cfg_scale=_loss_cfg().cfg_scale)
     ref_gen, ref_critic = copy.deepcopy(gen), copy.deepcopy(critic)  # before ZeRO-3 partitions them
     cfg = engines.ds_config(DEFAULT_DS_CONFIG,
                             batch_size=2, grad_clip=10.0, bf16=False, zero_stage=3)
@@ -67,6 +68,14 @@ def sd3_rig(tiny_teacher):
     """The SD3 transformer (flow schedule, GAN head on the middle block's tokens), partitioned and
     persistent parameters mixed, with activation checkpointing (the transformer's own)."""
     return _rig(tiny_teacher, "sd3", "mixed-checkpointed")
+
+
+@pytest.fixture(scope="module", params=["flux", "flux-schnell"])
+def flux_rig(tiny_teacher, request):
+    """The FLUX transformer (packed latents, RoPE ids; double- then single-stream blocks, the GAN head on
+    the middle one's tokens), mixed partitioning with its own activation checkpointing: FLUX.1-dev-like
+    with the guidance input at loss.cfg_scale in all three networks, schnell-like with CFG."""
+    return _rig(tiny_teacher, request.param, "mixed-checkpointed")
 
 
 def _full_grads(module):
@@ -156,6 +165,17 @@ def test_transformer_engines_match_plain_pytorch(sd3_rig):
 
 def test_transformer_phases_touch_only_their_parameters(sd3_rig):
     test_plain_pytorch_phases_touch_only_their_parameters(sd3_rig)
+
+
+def test_flux_transformer_engines_match_plain_pytorch(flux_rig):
+    """The same for a FLUX transformer denoiser (packing, guidance input or CFG, early-exit features)."""
+    assert flux_rig["teacher"].flux
+    assert flux_rig["gen"].guidance == (1.75 if flux_rig["teacher"].guidance_embeds else None)
+    _check_engines_match_plain_pytorch(flux_rig)
+
+
+def test_flux_transformer_phases_touch_only_their_parameters(flux_rig):
+    test_plain_pytorch_phases_touch_only_their_parameters(flux_rig)
 
 
 def _check_engines_match_plain_pytorch(rig):

@@ -13,7 +13,8 @@ import torch
 from dmd2.tiny import FAMILIES, make_tiny_teacher
 
 PIPELINE_FAMILIES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-TRANSFORMER_FAMILIES = {"sd3": "StableDiffusion3Pipeline"}  # tests/test_sd3.py
+TRANSFORMER_FAMILIES = {"sd3": "StableDiffusion3Pipeline",  # tests/test_sd3.py
+                        "flux": "FluxPipeline", "flux-schnell": "FluxPipeline"}  # tests/test_flux.py
 CLASSCOND_FAMILIES = {
     "classcond": ("DDPMScheduler", "epsilon"),
     "classcond-v": ("DDPMScheduler", "v_prediction"),
@@ -113,7 +114,7 @@ def test_does_not_touch_global_rng(tmp_path):
 
 def test_unknown_family(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny teacher family"):
-        make_tiny_teacher("flux", tmp_path)
+        make_tiny_teacher("sd2", tmp_path)
 
 
 @pytest.mark.parametrize("subfolder", ["tokenizer", "tokenizer_2"])

@@ -9,6 +9,11 @@
   (256 tokens, the pipeline's max_sequence_length default) appended along the sequence; pooled =
   both CLIP pooled projections concatenated; uncond = the pipeline's encoding of the empty
   negative prompt "" (not zeros: SD3 has no force_zeros_for_empty_prompt).
+- FLUX: as FluxPipeline.encode_prompt (diffusers): pooled_projections = CLIP's pooler_output (77
+  tokens), encoder_hidden_states = T5's last hidden states (512 tokens, the pipeline's
+  max_sequence_length default); its text_ids are zeros, made where the transformer is called
+  (denoiser.py). uncond = the encoding of "" (FluxPipeline's negative_prompt path, its true CFG);
+  a guidance-distilled teacher (FLUX.1-dev) uses none (models.roles.guided_x0).
 - class-conditional: integer labels; no uncond (no CFG). UNet2DConditionModel class-conditional
   teachers still need an encoder_hidden_states argument: a single zero token.
 """
@@ -21,6 +26,8 @@ from .loader import TEXT_FAMILIES, Teacher
 
 # StableDiffusion3Pipeline's max_sequence_length default: T5 tokens per prompt
 SD3_T5_TOKENS = 256
+# FluxPipeline's max_sequence_length default (its largest): T5 tokens per prompt
+FLUX_T5_TOKENS = 512
 
 
 def cat_cond(*conds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,6 +65,8 @@ class Conditioner:
             return {"encoder_hidden_states": self.encoders[0](ids)[0].float()}
         if self.family == "sd3":
             return self._encode_sd3(prompts)
+        if self.family == "flux":
+            return self._encode_flux(prompts)
         hidden, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.encoders, strict=True):
             out = enc(self._tokenize(tok, prompts), output_hidden_states=True)
@@ -87,6 +96,14 @@ class Conditioner:
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2).float(),
                 "pooled_projections": torch.cat(pooled, dim=-1).float()}
+
+    def _encode_flux(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """FluxPipeline.encode_prompt (diffusers 0.3x-0.4x): _get_clip_prompt_embeds (pooler_output at
+        the CLIP tokenizer's model_max_length) and _get_t5_prompt_embeds (max_sequence_length tokens)."""
+        clip_ids = self._tokenize(self.tokenizers[0], prompts, self.tokenizers[0].model_max_length)
+        pooled = self.encoders[0](clip_ids, output_hidden_states=False).pooler_output
+        t5 = self.encoders[1](self._tokenize(self.tokenizers[1], prompts, FLUX_T5_TOKENS), output_hidden_states=False)[0]
+        return {"encoder_hidden_states": t5.float(), "pooled_projections": pooled.float()}
 
     def _tokenize(self, tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,

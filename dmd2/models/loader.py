@@ -4,8 +4,9 @@ Everything that can be read from the teacher (family, latent channels, resolutio
 width, cross-attention width, class count, prediction type, noise schedule) is read here and
 never repeated in the recipe.
 
-Folder layouts: SD1.5 / SDXL / SD3 are ordinary diffusers pipeline folders (model_index.json;
-SD3's denoiser is ``transformer/``, an SD3Transformer2DModel, held in ``Teacher.unet`` all the same);
+Folder layouts: SD1.5 / SDXL / SD3 / FLUX are ordinary diffusers pipeline folders (model_index.json;
+SD3's denoiser is ``transformer/``, an SD3Transformer2DModel, FLUX's a FluxTransformer2DModel, held in
+``Teacher.unet`` all the same);
 class-conditional teachers are a folder with ``unet/`` (UNet2DModel, or UNet2DConditionModel
 with a class embedding), ``scheduler/`` (DDPM-style or EDM scheduler config) and optionally
 ``vae/`` for latent-space models.
@@ -24,14 +25,21 @@ from ..errors import UserError
 from ..hub import TEACHER_INSTEAD, hub_file, is_local
 from ..schedule import DDPMSchedule, EDMSchedule, FlowSchedule, T
 
-FAMILIES = ("sd15", "sdxl", "sd3", "classcond")
-TEXT_FAMILIES = ("sd15", "sdxl", "sd3")  # prompted, with CFG
-TRANSFORMER_FAMILIES = ("sd3",)  # the denoiser is a diffusers transformer (folder transformer/), not a UNet
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "classcond")
+TEXT_FAMILIES = ("sd15", "sdxl", "sd3", "flux")  # prompted, with CFG (or FLUX.1-dev's guidance embedding)
+TRANSFORMER_FAMILIES = ("sd3", "flux")  # the denoiser is a diffusers transformer (folder transformer/), not a UNet
 
 
 def is_transformer(net: nn.Module) -> bool:
-    """A diffusers DiT-style denoiser (SD3Transformer2DModel): blocks of tokens, no down/up path."""
+    """A diffusers DiT-style denoiser (SD3Transformer2DModel, FluxTransformer2DModel): blocks of tokens,
+    no down/up path."""
     return hasattr(net, "transformer_blocks")
+
+
+def is_flux(net: nn.Module) -> bool:
+    """FluxTransformer2DModel: double-stream then single-stream blocks, on latents packed 2x2 into
+    tokens (FluxPipeline._pack_latents), told where each token sits by RoPE ids."""
+    return hasattr(net, "single_transformer_blocks")
 
 
 @dataclass
@@ -48,12 +56,18 @@ class Teacher:
     text_encoders: list[nn.Module] = field(default_factory=list)
     tokenizers: list = field(default_factory=list)
     config_source: str | None = None  # model.teacher_config, for a single-file teacher
+    # train.resolution as given to load_teacher: the resolution of a teacher whose config records
+    # none (FLUX), and the one a resolution-dependent noise schedule (FLUX.1-dev's) was built for
+    given_resolution: int | None = None
 
     def training_resolution(self, requested: int | None) -> int:
         """``train.resolution`` (default: the native one), checked against the UNet's downsampling."""
         res = requested or self.resolution
         if res % (self.vae_scale_factor * self._downsampling):
             raise UserError(f"train.resolution: {res} is not divisible by the teacher's downsampling")
+        if self.scheduler_config.get("use_dynamic_shifting") and res != self.resolution:
+            raise UserError(f"train.resolution: {res}, but the teacher was loaded for {self.resolution} (its noise "
+                            "schedule depends on the resolution: use_dynamic_shifting)")
         most = self.transformer and self.unet.config.get("pos_embed_max_size")
         if most and res // (self.vae_scale_factor * self._downsampling) > most:
             # SD3's PatchEmbed crops a fixed grid of position embeddings (pos_embed_max_size patches a side)
@@ -70,16 +84,30 @@ class Teacher:
         return is_transformer(self.unet)
 
     @property
+    def flux(self) -> bool:
+        return is_flux(self.unet)
+
+    @property
+    def guidance_embeds(self) -> bool:
+        """A guidance-distilled denoiser (FLUX.1-dev): the guidance scale is one of its inputs."""
+        return bool(self.unet.config.get("guidance_embeds"))
+
+    def guidance(self, cfg_scale: float) -> float | None:
+        """The value of the guidance input every role is called with (loss.cfg_scale), or None for a
+        denoiser without one (see models.roles.guided_x0)."""
+        return float(cfg_scale) if self.guidance_embeds else None
+
+    @property
     def denoiser_folder(self) -> str:
         """The pipeline folder the denoiser lives in: ``transformer`` (SD3) or ``unet``."""
         return "transformer" if self.transformer else "unet"
 
     @property
     def _downsampling(self) -> int:
-        """Latent pixels per feature-map pixel: the patch size (transformers), or one halving per down
-        block but the last (UNets)."""
+        """Latent pixels per feature-map pixel: the patch size (transformers; FLUX: times 2, its 2x2
+        packing), or one halving per down block but the last (UNets)."""
         if self.transformer:
-            return int(self.unet.config.patch_size)
+            return int(self.unet.config.patch_size) * (2 if self.flux else 1)
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
@@ -88,14 +116,26 @@ class Teacher:
 
     @property
     def resolution(self) -> int:
-        """Native pixel resolution: the UNet's sample size times the VAE's downsampling."""
-        size = self.unet.config.sample_size
+        """Native pixel resolution: the UNet's sample size times the VAE's downsampling; for a
+        denoiser whose config records none (FLUX), train.resolution as given to load_teacher."""
+        size = self.unet.config.get("sample_size")
+        if size is None:
+            if self.given_resolution is None:
+                raise UserError(f"train.resolution: the {self.family} teacher's {type(self.unet).__name__} config "
+                                "records no training resolution; set train.resolution (FLUX.1: 1024)")
+            return int(self.given_resolution)
         size = size[0] if isinstance(size, (list, tuple)) else size
         return int(size) * self.vae_scale_factor
 
     @property
     def channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        """Latent channels (FLUX's in_channels are 4 of them per packed 2x2 token)."""
+        return int(self.unet.config.in_channels) // (4 if self.flux else 1)
+
+    def image_seq_len(self, resolution: int) -> int:
+        """Image tokens of a transformer at ``resolution``: (H / vae / p) (W / vae / p), FLUX's packed
+        (H / vae / 2) (W / vae / 2) (FluxPipeline: latents.shape[1]), the mu of a dynamic shift."""
+        return self.mid_spatial(resolution) ** 2
 
     @property
     def num_classes(self) -> int | None:
@@ -118,7 +158,9 @@ class Teacher:
         return self.latent_size(resolution) // self._downsampling
 
 
-def _schedule_from_config(cfg: dict, where: str) -> DDPMSchedule | EDMSchedule | FlowSchedule:
+def _schedule_from_config(cfg: dict, where: str, teacher: Teacher | None = None) -> DDPMSchedule | EDMSchedule | FlowSchedule:
+    """The teacher's noise schedule; ``teacher`` (its denoiser, VAE and given resolution) for a flow
+    schedule whose shift depends on the resolution."""
     cls = cfg.get("_class_name", "")
     if cls.startswith("FlowMatch"):
         n = cfg.get("num_train_timesteps", T)
@@ -127,8 +169,13 @@ def _schedule_from_config(cfg: dict, where: str) -> DDPMSchedule | EDMSchedule |
         if cfg.get("invert_sigmas"):
             raise UserError(f"{where}: invert_sigmas (Mochi-style) flow schedulers are not supported")
         if cfg.get("use_dynamic_shifting"):
-            raise UserError(f"{where}: use_dynamic_shifting (FLUX-style resolution-dependent shift) is not "
-                            "supported yet")
+            # FluxPipeline's mu: calculate_shift of the packed image token count at the resolution drawn;
+            # the table is FlowMatchEulerDiscreteScheduler's at that mu (schedule.flow_sigmas). Other
+            # pipelines' fallbacks differ (StableDiffusion3Pipeline: max_shift 1.16), so FLUX only.
+            if teacher is None or teacher.family != "flux":
+                raise UserError(f"{where}: use_dynamic_shifting (a resolution-dependent shift) is supported for "
+                                "FLUX teachers only")
+            return FlowSchedule.from_scheduler_config(cfg, teacher.image_seq_len(teacher.resolution))
         return FlowSchedule.from_scheduler_config(cfg)
     if cls.startswith("EDM"):
         return EDMSchedule(
@@ -162,6 +209,9 @@ def _detect_family(model_index: dict | None, unet_cfg: dict) -> str:
     name = (model_index or {}).get("_class_name", "")
     if name.startswith("StableDiffusion3"):
         return "sd3"
+    # FluxPipeline only: Fill/Control/Kontext pipelines add image inputs (their in_channels differ)
+    if name == "FluxPipeline" and unet_cfg.get("_class_name") == "FluxTransformer2DModel":
+        return "flux"
     if "XL" in name or unet_cfg.get("addition_embed_type") == "text_time":
         return "sdxl"
     if model_index and "text_encoder" in model_index:
@@ -179,10 +229,12 @@ def _quiet_loading() -> None:
 
 
 def load_teacher(source: str, family: str = "auto", config_source: str | None = None, *,
-                 denoiser: bool = True) -> Teacher:
+                 denoiser: bool = True, resolution: int | None = None) -> Teacher:
     """Load a frozen teacher. ``family`` (from the recipe) is checked against what is found.
     ``denoiser=False`` (a diffusers folder or hub id): the UNet is built from its config on the meta
-    device, weights unread, for work that needs only the encoders and the VAE (``dmd2 prepare``)."""
+    device, weights unread, for work that needs only the encoders and the VAE (``dmd2 prepare``).
+    ``resolution``: the recipe's train.resolution, which a FLUX teacher needs (its config records
+    none, and FLUX.1-dev's noise schedule depends on it)."""
     _quiet_loading()
     where = f"model.teacher: {source!r}"
     if source.endswith((".safetensors", ".ckpt")):
@@ -191,7 +243,7 @@ def load_teacher(source: str, family: str = "auto", config_source: str | None = 
         if is_local(source) and not Path(source).expanduser().is_dir():
             raise UserError(f"{where} does not exist (expected a diffusers folder, a hub id, or a .safetensors file)")
         try:
-            teacher = _load_diffusers(source, denoiser)
+            teacher = _load_diffusers(source, denoiser, resolution)
         except UserError:
             raise
         except (OSError, ValueError) as e:
@@ -206,7 +258,7 @@ def load_teacher(source: str, family: str = "auto", config_source: str | None = 
     return teacher
 
 
-def _load_diffusers(source: str, denoiser: bool = True) -> Teacher:
+def _load_diffusers(source: str, denoiser: bool = True, resolution: int | None = None) -> Teacher:
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
     where = f"model.teacher: {source!r}"
@@ -223,6 +275,8 @@ def _load_diffusers(source: str, denoiser: bool = True) -> Teacher:
                         f"(transformer families: {', '.join(TRANSFORMER_FAMILIES)})")
     if family == "sd3":
         from diffusers import SD3Transformer2DModel as unet_cls
+    elif family == "flux":
+        from diffusers import FluxTransformer2DModel as unet_cls
     else:
         unet_cls = UNet2DModel if unet_cfg.get("_class_name") == "UNet2DModel" else UNet2DConditionModel
     if denoiser:
@@ -253,9 +307,20 @@ def _load_diffusers(source: str, denoiser: bool = True) -> Teacher:
         if (model_index.get("text_encoder_3") or [None])[0] is not None:
             encoders.append(T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3"))
             tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3"))
+    elif family == "flux":
+        # CLIP-L (its pooled output only) and T5, as FluxPipeline's components
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+        encoders.append(CLIPTextModel.from_pretrained(source, subfolder="text_encoder"))
+        tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"))
+        encoders.append(T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2"))
+        tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2"))
     elif unet.config.get("num_class_embeds") is None:
         raise UserError(f"{where} has neither text encoders nor a class embedding (num_class_embeds)")
-    return Teacher(source, family, unet, _schedule_from_config(sched_cfg, where), dict(sched_cfg), vae, encoders, tokenizers)
+    teacher = Teacher(source, family, unet, None, dict(sched_cfg), vae, encoders, tokenizers,
+                      given_resolution=resolution)
+    teacher.schedule = _schedule_from_config(sched_cfg, where, teacher)
+    return teacher
 
 
 def _load_single_file(source: str, family: str, config_source: str | None) -> Teacher:
@@ -268,7 +333,16 @@ def _load_single_file(source: str, family: str, config_source: str | None) -> Te
         from safetensors import safe_open
 
         with safe_open(source, "pt") as f:
-            family = "sdxl" if any(k.startswith("conditioner.embedders.1") for k in f.keys()) else "sd15"
+            keys = list(f.keys())
+        # FLUX.1 files (Black Forest Labs' layout, or ComfyUI's under model.diffusion_model.)
+        family = ("flux" if any(k.split("double_blocks.")[0] in ("", "model.diffusion_model.") for k in keys
+                                if "double_blocks." in k) else
+                  "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15")
+    if family == "flux":
+        # FluxPipeline.from_single_file reads the transformer only and fetches every other component and
+        # config from the hub (diffusers' single_file loading), which an offline run cannot
+        raise UserError(f"{where}: single-file FLUX checkpoints hold the transformer only; use a diffusers "
+                        "FluxPipeline folder or hub id")
     if family in ("classcond", "sd3"):
         raise UserError(f"{where}: single-file checkpoints are supported for sd15/sdxl; use a diffusers folder")
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline

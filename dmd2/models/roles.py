@@ -34,7 +34,19 @@ class TeacherView(Denoiser):
 @torch.no_grad()
 def guided_x0(teacher: Denoiser, x_t, t, cond, uncond, cfg_scale: float) -> torch.Tensor:
     """Teacher x0 with classifier-free guidance in the standard form (§4 step 4); cond and uncond
-    run as one batch so ZeRO-3 gathers the teacher once. Also the teacher of ``dmd2 ode-pairs``."""
+    run as one batch so ZeRO-3 gathers the teacher once. Also the teacher of ``dmd2 ode-pairs``.
+
+    A guidance-distilled teacher (FLUX.1-dev, ``guidance_embeds``) was trained to give the guided
+    prediction in one call with the guidance scale as an input: FluxPipeline passes guidance_scale to
+    the transformer and runs no unconditional branch (pipeline_flux.py). Its real score is that one
+    call with guidance = ``cfg_scale`` (loss.cfg_scale), in place of CFG. The trainable copies
+    (generator, fake score) are called with the same guidance (``Teacher.guidance``, build_roles), so
+    the exported student runs in stock FluxPipeline with guidance_scale = loss.cfg_scale.
+    """
+    if teacher.guidance is not None:
+        if teacher.guidance != cfg_scale:
+            raise ValueError(f"the teacher's guidance input is {teacher.guidance} but loss.cfg_scale is {cfg_scale}")
+        return teacher(x_t, t, cond)
     if uncond is None or cfg_scale == 1.0:
         return teacher(x_t, t, cond)
     from ..losses import cfg
@@ -111,6 +123,23 @@ def load_generator(unet: torch.nn.Module, weights: dict[str, torch.Tensor], sour
     unet.load_state_dict(weights, strict=True)
 
 
+def _checkpoint(module, *args):
+    """diffusers' default gradient checkpointing (non-reentrant torch.utils.checkpoint of the block,
+    modeling_utils.py enable_gradient_checkpointing) without the recomputation's metadata check.
+
+    Under ZeRO-3 the check can fail on correct values: until its trace is complete (the engine's
+    first iteration) DeepSpeed releases every parameter of a module after its forward, persistent
+    ones too (partitioned_param_coordinator.py release_sub_module), so a parameter that an op saved
+    itself, e.g. FLUX's RMSNorm query/key weights (torch.nn.RMSNorm: rms_norm multiplies by the weight),
+    reads as empty when the recomputed tensors are compared, and is gathered again before its
+    module's backward. tests/test_engines.py's FLUX rig (persistent and partitioned parameters,
+    checkpointing) compares the gradients with plain PyTorch's.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(module.__call__, *args, use_reentrant=False, determinism_check="none")
+
+
 def check_gan_layer(teacher: Teacher, layer: str | int) -> None:
     """loss.gan.feature_layer against the teacher's denoiser: UNets have a mid-block and an encoder
     end, transformers a middle block or any block by index."""
@@ -129,11 +158,13 @@ def check_gan_layer(teacher: Teacher, layer: str | int) -> None:
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
                 gradient_checkpointing: bool, gan_layer: str | int = "mid_block",
                 generator_init: tuple[dict, str] | None = None,
-                critic: bool = True) -> tuple[Denoiser, Critic | None]:
+                critic: bool = True, cfg_scale: float | None = None) -> tuple[Denoiser, Critic | None]:
     """Generator and fake score start as copies of the teacher; the GAN head is random but the
     same on every rank (seeded), as ZeRO-3 partitions each rank's own copy. ``generator_init``:
     (full UNet weights, their source) the generator starts from instead (``model.generator_init``).
-    ``critic=False`` (the regression stage): the generator only, and None.
+    ``critic=False`` (the regression stage): the generator only, and None. ``cfg_scale``
+    (loss.cfg_scale): the guidance input of all three networks when the teacher is guidance-distilled
+    (FLUX.1-dev; see guided_x0), which then needs it; unused otherwise.
 
     With ``lora.fake_score`` the fake score is a LoRA adapter on the teacher's own UNet, and the
     teacher is that UNet with its adapters off: one frozen base instead of two UNets, and no
@@ -148,7 +179,8 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
         unet.requires_grad_(True).train()
         without_dropout(unet)
         if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()  # non-reentrant: works when a module runs twice per backward
+            # non-reentrant: works when a module runs twice per backward
+            unet.enable_gradient_checkpointing(_checkpoint)
     if lora is not None and (lora.enabled or shared):
         from .lora import add_lora
 
@@ -156,15 +188,18 @@ def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed
             add_lora(gen_unet, lora)
         if shared and critic:
             add_lora(fake_unet, lora, adapter_name="fake")
+    if teacher.guidance_embeds and cfg_scale is None:
+        raise ValueError("build_roles: a guidance-distilled teacher needs cfg_scale (its guidance input)")
+    guidance = teacher.guidance(cfg_scale) if cfg_scale is not None else None
     if not critic:
-        return Denoiser(gen_unet, teacher.schedule), None
+        return Denoiser(gen_unet, teacher.schedule, guidance), None
     head = None
     if gan:
         check_gan_layer(teacher, gan_layer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = GANHead(teacher.mid_channels, teacher.mid_spatial(resolution))
-    teacher_view = (TeacherView if shared else Denoiser)(teacher.unet, teacher.schedule)
-    critic = Critic(teacher_view, Denoiser(fake_unet, teacher.schedule), head, gan_layer)
+    teacher_view = (TeacherView if shared else Denoiser)(teacher.unet, teacher.schedule, guidance)
+    critic = Critic(teacher_view, Denoiser(fake_unet, teacher.schedule, guidance), head, gan_layer)
     set_phase(critic, "critic")
-    return Denoiser(gen_unet, teacher.schedule), critic
+    return Denoiser(gen_unet, teacher.schedule, guidance), critic

@@ -41,7 +41,9 @@ class Student:
         self.schedule = parts.schedule
         for m in parts.text_encoders:
             fp32(m, self.device)
-        self.denoiser = Denoiser(fp32(parts.unet, self.device).eval(), parts.schedule)
+        # a guidance-distilled generator is called with the guidance it was trained at (roles.guided_x0)
+        self.denoiser = Denoiser(fp32(parts.unet, self.device).eval(), parts.schedule,
+                                 parts.guidance(recipe.loss.cfg_scale))
         self.cond = Conditioner(parts, self.resolution, self.device)
         self.vae = fp32(parts.vae, self.device)
         lat = parts.latent_size(self.resolution)
@@ -109,7 +111,7 @@ def load_student(path: str | Path, device="cpu", *, merge_lora: bool = True, ckp
 def teacher_of(recipe: Recipe, where: str) -> Teacher:
     m = recipe.model
     try:
-        return load_teacher(m.teacher, m.family, m.teacher_config)
+        return load_teacher(m.teacher, m.family, m.teacher_config, resolution=recipe.train.resolution)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
 
@@ -167,7 +169,7 @@ def _from_export(folder: Path, device) -> Student:
         apply_lora_file(parts, folder / meta["weights"])
     elif meta.get("complete"):
         # a pipeline folder, or a class-conditional unet/ + scheduler/ (+ vae/): loads as a teacher would
-        parts = load_teacher(str(folder))
+        parts = load_teacher(str(folder), resolution=recipe.train.resolution)
     else:  # a UNet folder only: the rest comes from the run's teacher
         parts = teacher_of(recipe, where)
         parts.unet = type(parts.unet).from_pretrained(folder, subfolder=parts.denoiser_folder).requires_grad_(False)
