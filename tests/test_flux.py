@@ -430,6 +430,9 @@ def test_sample_and_pipeline_export_of_a_flux_run(flux_run, tmp_path):
             - ref).abs().max() < 1e-5
 
 
+# ~20 s; make test-all. The default suite keeps the schnell teacher's CFG call (test_guided_x0_is_one_guided_call_or_cfg),
+# its pipeline (test_denoiser_calls_the_transformer_as_the_pipeline) and a FLUX run and export end to end.
+@pytest.mark.slow
 def test_flux_schnell_1step_cfg_run_and_its_export(tmp_path, tiny_teacher):
     """The schnell-like teacher (no guidance input): a 1-step generator distilled with CFG (prompt and
     "" in one teacher batch) under ZeRO-3; its pipeline export draws what `dmd2 sample` draws, called

@@ -29,7 +29,7 @@ def many_prompts(tmp_path):
     return path
 
 
-def test_prepare_resumes_after_kill9_and_matches_a_two_rank_build(tiny_teacher, many_prompts, tmp_path):
+def test_prepare_resumes_after_kill9_and_keeps_its_finished_chunks(tiny_teacher, many_prompts, tmp_path):
     teacher = tiny_teacher("sdxl")
     args = ("prepare", "recipes/tiny_sdxl.yaml", f"model.teacher={teacher}", f"data.prompts={many_prompts}")
     # tasks in order: uncond, prompts_00000..00002, images_00000; killed once task 2 is written
@@ -49,10 +49,19 @@ def test_prepare_resumes_after_kill9_and_matches_a_two_rank_build(tiny_teacher, 
     assert "3 finished chunks kept" in done.stdout, done.stdout
     assert {n: (folder / n).stat().st_mtime_ns for n in kept} == kept  # nothing re-encoded
     assert json.loads((folder / "meta.json").read_text())["prompts"] == 2100
+    assert len(_chunks(folder)) == 5
 
+
+# ~20 s (a clean build and one through the launcher); make test-all. The default suite keeps the
+# resumed build above and test_train.py's two-rank launcher run.
+@pytest.mark.slow
+def test_a_two_rank_prepare_writes_the_one_rank_files(tiny_teacher, many_prompts, tmp_path):
+    teacher = tiny_teacher("sdxl")
+    args = ("prepare", "recipes/tiny_sdxl.yaml", f"model.teacher={teacher}", f"data.prompts={many_prompts}")
+    one = run_cli(*args, DMD2_CACHE_DIR=tmp_path / "one")
     two = run_cli(*args, ranks=2, DMD2_CACHE_DIR=tmp_path / "two")
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    other = _only_folder(tmp_path / "two")
+    assert one.returncode == 0 and two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    folder, other = _only_folder(tmp_path / "one"), _only_folder(tmp_path / "two")
     assert other.name == folder.name  # the same key
     assert _chunks(other) == _chunks(folder) and len(_chunks(folder)) == 5
 

@@ -32,6 +32,7 @@ import argparse
 import functools
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -192,14 +193,23 @@ def prepare(out: Path, cache: Path, train_teacher: bool, t2i: bool = False) -> P
 # Subprocesses: the real CLI, at most `jobs` at a time
 
 
-def _env() -> dict:
+def _env(threads: int = 1) -> dict:
+    """A dmd2 process's environment with ``threads`` CPU threads: the cores divided among the
+    commands that run at once, so a command running alone (a student's training, which the
+    evaluations wait for) is not held to one core while the others idle."""
     from ..engines import fresh_process_env
 
     env = fresh_process_env()  # a fresh process group each: nothing of a launcher's rank variables leaks in
-    for k, v in {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
-                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    for k, v in {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+                 "TOKENIZERS_PARALLELISM": "false"}.items():
         env.setdefault(k, v)
     return env
+
+
+def _threads(jobs: int, ready: int) -> int:
+    """Threads for a command started while ``ready`` commands (itself included) could run now."""
+    return max(1, (os.cpu_count() or 1) // max(1, min(jobs, ready)))
 
 
 def run_parallel(commands: list[tuple], jobs: int) -> dict[str, float]:
@@ -213,7 +223,9 @@ def run_parallel(commands: list[tuple], jobs: int) -> dict[str, float]:
             ready = next((c for c in pending if c[3] is None or c[3] in seconds), None)
             if ready is None:
                 break
+            runnable = sum(c[3] is None or c[3] in seconds for c in pending)  # ``ready`` included
             pending.remove(ready)
+            threads = _threads(jobs, len(running) + runnable)
             name, args, log, _ = ready
             args = args() if callable(args) else args
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +233,7 @@ def run_parallel(commands: list[tuple], jobs: int) -> dict[str, float]:
             cmd = [sys.executable, "-m", "dmd2", *args]
             f.write("$ dmd2 " + " ".join(args) + "\n")
             f.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=f, stderr=subprocess.STDOUT)
             running[name] = (proc, f, log, time.time())
             _say(f"started  {name}: dmd2 {' '.join(args[:2])} ... (log {log})")
         time.sleep(0.5)
