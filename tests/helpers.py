@@ -138,3 +138,42 @@ def cli_error(*args) -> str:
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     return lines[0]
+
+
+def sample_and_export_flow_run(run: Path, tmp_path: Path, family: str, prompts: list[str], seeds: list[int]):
+    """What the SD3 and FLUX export tests share: `dmd2 sample` of a 2-step run at 32 px draws at its
+    timesteps; `dmd2 export --pipeline` writes a diffusers pipeline folder with a stochastic
+    FlowMatchEuler scheduler, read back by dmd2 to draw what the run draws. Returns (dmd2.json, the
+    pipeline, the run's student, ours(timesteps): the run's images for ``prompts`` / ``seeds``)."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+    from PIL import Image
+
+    from dmd2.generate import draw
+    from dmd2.models.student import load_student
+
+    out = tmp_path / "samples"
+    run_cli("sample", run, "--prompt", prompts[0], "--prompt", prompts[1], "--seed", seeds[0], "--out", out)
+    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert [r["timesteps"] for r in rows] == [[999, 499]] * 2
+    assert np.array(Image.open(out / "000000.png")).shape == (32, 32, 3)
+
+    exp = tmp_path / "pipe"
+    res = run_cli("export", run, "--pipeline", "--out", exp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    meta = json.loads((exp / "dmd2.json").read_text())
+    assert (meta["family"], meta["timesteps"], meta["weights"], meta["schedule"]["kind"]) == (
+        family, [999, 499], "transformer", "flow")
+    pipe = DiffusionPipeline.from_pretrained(exp)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.stochastic_sampling
+    pipe.set_progress_bar_config(disable=True)
+    gen = load_student(run)
+
+    def ours(ts, student=gen):
+        return torch.cat([x for _, x in draw(student, prompts, seeds, ts, range(2), 2)]).clamp(-1, 1)
+
+    # dmd2 reads the export back, and draws what the run draws
+    again = load_student(exp)
+    assert (ours([999, 499], again) - ours([999, 499])).abs().max() < 1e-5
+    return meta, pipe, again, ours

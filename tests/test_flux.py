@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, check_run, cli_error, metrics, run_cli
+from helpers import REPO, check_run, cli_error, metrics, run_cli, sample_and_export_flow_run
 
 from dmd2.errors import UserError
 from dmd2.models import Conditioner, Denoiser, GANHead, load_teacher
@@ -384,50 +384,23 @@ def test_sample_and_pipeline_export_of_a_flux_run(flux_run, tmp_path):
     """`dmd2 sample` draws; `dmd2 export --pipeline` writes a folder FluxPipeline loads with no dmd2
     code, whose 1-step draw (sigmas, guidance_scale, height, width, max_sequence_length from dmd2.json's
     usage) is dmd2's for the same seeds."""
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from PIL import Image
+    from diffusers import FluxPipeline
 
-    from dmd2.generate import draw
-    from dmd2.models.student import load_student
-
-    out = tmp_path / "samples"
-    run_cli("sample", flux_run, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", 3, "--out", out)
-    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
-    assert [r["timesteps"] for r in rows] == [[999, 499]] * 2
-    assert np.array(Image.open(out / "000000.png")).shape == (32, 32, 3)
-
-    exp = tmp_path / "pipe"
-    res = run_cli("export", flux_run, "--pipeline", "--out", exp)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    meta = json.loads((exp / "dmd2.json").read_text())
-    assert (meta["family"], meta["timesteps"], meta["weights"], meta["schedule"]["kind"]) == (
-        "flux", [999, 499], "transformer", "flow")
+    seeds = [3, 4]
+    meta, pipe, again, ours = sample_and_export_flow_run(flux_run, tmp_path, "flux", PROMPTS, seeds)
     kw = _usage_kwargs(meta["usage"])
     assert kw == {"num_inference_steps": 2, "sigmas": [1.0, 0.5], "guidance_scale": 3.5, "height": 32, "width": 32,
                   "max_sequence_length": 512}
-    pipe = DiffusionPipeline.from_pretrained(exp)
-    assert isinstance(pipe, FluxPipeline) and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
-    assert pipe.scheduler.config.stochastic_sampling and pipe.scheduler.config.use_dynamic_shifting
-    pipe.set_progress_bar_config(disable=True)
-    gen = load_student(flux_run)
-    seeds = [3, 4]
-
-    def ours(ts):
-        return torch.cat([x for _, x in draw(gen, PROMPTS, seeds, ts, range(2), 2)]).clamp(-1, 1)
-
+    assert isinstance(pipe, FluxPipeline) and pipe.scheduler.config.use_dynamic_shifting
+    assert again.denoiser.guidance == 3.5
     one = _pipeline_draw(pipe, {**kw, "num_inference_steps": 1, "sigmas": [1.0]}, seeds)
     assert (one - ours([999])).abs().max() < 1e-5
     # the pipeline's shifted sigmas are the trained noise levels (the re-noising draws its own noise)
     pipe.scheduler.set_timesteps(sigmas=kw["sigmas"], mu=dynamic_shift_mu(16))
-    torch.testing.assert_close(pipe.scheduler.sigmas[:2].double(), gen.schedule.sigmas[[999, 499]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(pipe.scheduler.sigmas[:2].double(), again.schedule.sigmas[[999, 499]], rtol=0,
+                               atol=1e-6)
     two = _pipeline_draw(pipe, kw, seeds)
     assert two.shape == (2, 3, 32, 32) and torch.isfinite(two).all()
-    # dmd2 reads the export back, and draws what the run draws
-    again = load_student(exp)
-    assert again.denoiser.guidance == 3.5
-    ref = ours([999, 499])
-    assert (torch.cat([x for _, x in draw(again, PROMPTS, seeds, [999, 499], range(2), 2)]).clamp(-1, 1)
-            - ref).abs().max() < 1e-5
 
 
 # ~20 s; make test-all. The default suite keeps the schnell teacher's CFG call (test_guided_x0_is_one_guided_call_or_cfg),

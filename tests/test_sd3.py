@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import check_run, metrics, run_cli
+from helpers import check_run, metrics, run_cli, sample_and_export_flow_run
 
 from dmd2.errors import UserError
 from dmd2.models import Conditioner, Denoiser, GANHead, load_teacher
@@ -304,46 +304,18 @@ def test_train_sd3_lora_1step_checkpointed_and_sample(tmp_path, tiny_teacher):
 def test_sample_and_pipeline_export_of_an_sd3_run(sd3_run, tmp_path):
     """`dmd2 sample` draws; `dmd2 export --pipeline` writes a folder StableDiffusion3Pipeline loads
     with no dmd2 code, whose 1-step draw (sigmas from dmd2.json's usage) is dmd2's for the same seeds."""
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from PIL import Image
+    from diffusers import StableDiffusion3Pipeline
 
-    from dmd2.generate import draw
-    from dmd2.models.student import load_student
-
-    out = tmp_path / "samples"
-    run_cli("sample", sd3_run, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", 3, "--out", out)
-    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
-    assert [r["timesteps"] for r in rows] == [[999, 499]] * 2
-    assert np.array(Image.open(out / "000000.png")).shape == (32, 32, 3)
-
-    exp = tmp_path / "pipe"
-    res = run_cli("export", sd3_run, "--pipeline", "--out", exp)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    meta = json.loads((exp / "dmd2.json").read_text())
-    assert (meta["family"], meta["timesteps"], meta["weights"], meta["schedule"]["kind"]) == (
-        "sd3", [999, 499], "transformer", "flow")
-    assert "sigmas=[1.0, 0.5]" in meta["usage"] and "guidance_scale=0" in meta["usage"]
-    pipe = DiffusionPipeline.from_pretrained(exp)
-    assert isinstance(pipe, StableDiffusion3Pipeline) and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
-    assert pipe.scheduler.config.stochastic_sampling
-    pipe.set_progress_bar_config(disable=True)
-    gen = load_student(sd3_run)
     seeds = [3, 4]
-
-    def ours(ts):
-        return torch.cat([x for _, x in draw(gen, PROMPTS, seeds, ts, range(2), 2)]).clamp(-1, 1)
-
+    meta, pipe, _, ours = sample_and_export_flow_run(sd3_run, tmp_path, "sd3", PROMPTS, seeds)
+    assert "sigmas=[1.0, 0.5]" in meta["usage"] and "guidance_scale=0" in meta["usage"]
+    assert isinstance(pipe, StableDiffusion3Pipeline)
     got = pipe(PROMPTS, sigmas=[1.0], guidance_scale=0, output_type="pt",
                generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
     assert (got - ours([999])).abs().max() < 1e-5
     two = pipe(PROMPTS, sigmas=[1.0, 0.5], guidance_scale=0, output_type="pt",
                generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     assert two.shape == (2, 3, 32, 32) and torch.isfinite(two).all()  # re-noising draws its own noise
-    # dmd2 reads the export back, and draws what the run draws
-    again = load_student(exp)
-    ref = ours([999, 499])
-    assert (torch.cat([x for _, x in draw(again, PROMPTS, seeds, [999, 499], range(2), 2)]).clamp(-1, 1)
-            - ref).abs().max() < 1e-5
 
 
 def test_a_pipeline_without_t5_conditions_as_the_pipeline_does(tiny_teacher, tmp_path):
