@@ -177,3 +177,26 @@ def sample_and_export_flow_run(run: Path, tmp_path: Path, family: str, prompts: 
     again = load_student(exp)
     assert (ours([999, 499], again) - ours([999, 499])).abs().max() < 1e-5
     return meta, pipe, again, ours
+
+
+def lora_1step_flow_run(tmp_path: Path, teacher: Path, recipe: str, feature_layer: int, prompts: list[str]) -> Path:
+    """What the SD3 and FLUX LoRA tests share: 1 step, LoRA generator and LoRA fake score on the
+    teacher's frozen transformer, its own gradient checkpointing, the GAN head on block
+    ``feature_layer``; it trains under ZeRO-3 and the merged student draws. Returns the run."""
+    import torch
+
+    from dmd2.generate import draw
+    from dmd2.models.student import load_student
+
+    run = tmp_path / "run"
+    res = run_cli("train", recipe, f"model.teacher={teacher}", "train.max_steps=2", f"output_dir={run}",
+                  "generator.num_steps=1", "generator.timesteps=null", "model.lora.enabled=true",
+                  "model.lora.fake_score=true", "model.lora.rank=4", "train.gradient_checkpointing=true",
+                  f"loss.gan.feature_layer={feature_layer}", "optim.generator.lr=1e-2", "optim.critic.lr=1e-3")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    check_run(run, 2, teacher, full_weights=False)
+    gen = load_student(run)
+    assert not any("lora" in n for n, _ in gen.parts.unet.named_parameters())  # merged
+    x = torch.cat([x for _, x in draw(gen, prompts, [0, 1], [999], range(2), 2)])
+    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+    return run

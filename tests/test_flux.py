@@ -11,7 +11,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, check_run, cli_error, metrics, run_cli, sample_and_export_flow_run
+from helpers import (
+    REPO,
+    check_run,
+    cli_error,
+    lora_1step_flow_run,
+    metrics,
+    run_cli,
+    sample_and_export_flow_run,
+)
 
 from dmd2.errors import UserError
 from dmd2.models import Conditioner, Denoiser, GANHead, load_teacher
@@ -450,24 +458,9 @@ def test_train_flux_two_ranks_deepspeed_launcher(tmp_path, tiny_teacher):
 
 @pytest.mark.slow  # ~25 s on 2 cores; LoRA targets and the merge are in the default suite (test_roles_guidance_lora_and_gan_layer_checks)
 def test_train_flux_lora_1step_checkpointed_sample_and_export(tmp_path, tiny_teacher):
-    """1 step, LoRA generator and LoRA fake score on the teacher's frozen transformer, its own gradient
-    checkpointing, the GAN head on the first single-stream block: trains under ZeRO-3, the merged
-    student draws, and the adapter exports only merged (--merge-lora), as for SD3."""
-    from dmd2.generate import draw
-    from dmd2.models.student import load_student
-
-    teacher = tiny_teacher("flux")
-    run = tmp_path / "run"
-    res = run_cli("train", "recipes/tiny_flux.yaml", f"model.teacher={teacher}", "train.max_steps=2",
-                  f"output_dir={run}", "generator.num_steps=1", "generator.timesteps=null", "model.lora.enabled=true",
-                  "model.lora.fake_score=true", "model.lora.rank=4", "train.gradient_checkpointing=true",
-                  "loss.gan.feature_layer=2", "optim.generator.lr=1e-2", "optim.critic.lr=1e-3")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    check_run(run, 2, teacher, full_weights=False)
-    gen = load_student(run)
-    assert not any("lora" in n for n, _ in gen.parts.unet.named_parameters())  # merged
-    x = torch.cat([x for _, x in draw(gen, PROMPTS, [0, 1], [999], range(2), 2)])
-    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+    """The shared LoRA run (helpers.lora_1step_flow_run) with the GAN head on the first single-stream
+    block; the adapter exports only merged (--merge-lora), as for SD3."""
+    run = lora_1step_flow_run(tmp_path, tiny_teacher("flux"), "recipes/tiny_flux.yaml", 2, PROMPTS)
     line = cli_error("export", run, "--format", "lora", "--out", tmp_path / "lora")
     assert "LoRA files are for SD1.5/SDXL pipelines" in line and "--merge-lora" in line
     res = run_cli("export", run, "--merge-lora", "--out", tmp_path / "merged")

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import check_run, metrics, run_cli, sample_and_export_flow_run
+from helpers import check_run, lora_1step_flow_run, metrics, run_cli, sample_and_export_flow_run
 
 from dmd2.errors import UserError
 from dmd2.models import Conditioner, Denoiser, GANHead, load_teacher
@@ -282,23 +282,8 @@ def test_train_sd3_two_ranks_deepspeed_launcher(tmp_path, tiny_teacher):
 
 @pytest.mark.slow  # ~20 s; keeps the default suite under 15 minutes (LoRA targets: test_roles_lora_and_gan_layer_checks)
 def test_train_sd3_lora_1step_checkpointed_and_sample(tmp_path, tiny_teacher):
-    """1 step, LoRA generator and LoRA fake score on the teacher's frozen transformer, its own gradient
-    checkpointing, the GAN head on block 0: trains under ZeRO-3, and the merged student draws."""
-    from dmd2.generate import draw
-    from dmd2.models.student import load_student
-
-    teacher = tiny_teacher("sd3")
-    run = tmp_path / "run"
-    res = run_cli("train", "recipes/tiny_sd3.yaml", f"model.teacher={teacher}", "train.max_steps=2",
-                  f"output_dir={run}", "generator.num_steps=1", "generator.timesteps=null", "model.lora.enabled=true",
-                  "model.lora.fake_score=true", "model.lora.rank=4", "train.gradient_checkpointing=true",
-                  "loss.gan.feature_layer=0", "optim.generator.lr=1e-2", "optim.critic.lr=1e-3")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    check_run(run, 2, teacher, full_weights=False)
-    gen = load_student(run)
-    assert not any("lora" in n for n, _ in gen.parts.unet.named_parameters())  # merged
-    x = torch.cat([x for _, x in draw(gen, PROMPTS, [0, 1], [999], range(2), 2)])
-    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+    """The shared LoRA run (helpers.lora_1step_flow_run) with the GAN head on block 0."""
+    lora_1step_flow_run(tmp_path, tiny_teacher("sd3"), "recipes/tiny_sd3.yaml", 0, PROMPTS)
 
 
 def test_sample_and_pipeline_export_of_an_sd3_run(sd3_run, tmp_path):
