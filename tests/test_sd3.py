@@ -305,7 +305,9 @@ def test_sample_and_pipeline_export_of_an_sd3_run(sd3_run, tmp_path):
 
 def test_a_pipeline_without_t5_conditions_as_the_pipeline_does(tiny_teacher, tmp_path):
     """text_encoder_3 null in model_index.json (SD3's T5-free mode, the digits-flow teacher's):
-    the T5 tokens are zeros of the joint width, as StableDiffusion3Pipeline's _get_t5_prompt_embeds."""
+    the T5 tokens are zeros of the joint width, as StableDiffusion3Pipeline's _get_t5_prompt_embeds.
+    Training folds them into one token (models/attention.py): the transformer computes the same
+    function on 78 context tokens, and a stock call with all 333 still runs plain attention."""
     import shutil
     from pathlib import Path
 
@@ -318,13 +320,30 @@ def test_a_pipeline_without_t5_conditions_as_the_pipeline_does(tiny_teacher, tmp
     shutil.rmtree(folder / "text_encoder_3")
     shutil.rmtree(folder / "tokenizer_3")
     t = load_teacher(str(folder))
-    assert t.family == "sd3" and len(t.text_encoders) == 2
+    assert t.family == "sd3" and len(t.text_encoders) == 2 and t.t5_free
     # diffusers loads a null component only when it is passed as None
     pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
     pe, npe, pooled, npooled = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True)
-    c = Conditioner(t, 32)
-    cond = c.encode_prompts(PROMPTS)
+    full = Conditioner(t, 32, compact_t5=False)
+    cond = full.encode_prompts(PROMPTS)
     torch.testing.assert_close(cond["encoder_hidden_states"], pe)
     torch.testing.assert_close(cond["pooled_projections"], pooled)
     assert cond["encoder_hidden_states"][:, 77:].abs().sum() == 0
-    torch.testing.assert_close(c.uncond(2)["encoder_hidden_states"], npe)
+    torch.testing.assert_close(full.uncond(2)["encoder_hidden_states"], npe)
+
+    compact = Conditioner(t, 32)  # training's default
+    small = compact.encode_prompts(PROMPTS)
+    assert small["encoder_hidden_states"].shape[1] == 78
+    torch.testing.assert_close(small["encoder_hidden_states"], pe[:, :78])
+    torch.testing.assert_close(compact.uncond(2)["encoder_hidden_states"], npe[:, :78])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, t.channels, t.latent_size(32), t.latent_size(32), generator=g)
+    tt = torch.tensor([999, 250])
+    d = Denoiser(copy.deepcopy(t.unet).eval(), t.schedule)  # a copy keeps the processors, as the roles
+    with torch.no_grad():
+        got = d(x, tt, small)
+        want = d(x, tt, cond)
+        # the stock transformer (diffusers' own attention processors) on the pipeline's 333 tokens
+        stock = Denoiser(pipe.transformer.eval(), t.schedule)(x, tt, cond)
+    assert torch.equal(want, stock)  # a full context takes diffusers' plain path unchanged
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

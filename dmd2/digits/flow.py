@@ -31,7 +31,7 @@ CLIPs, it does not use zeros), so classifier-free guidance works as the pipeline
 
 The 256 zero tokens are identical all through the transformer (SD3 adds no position to the
 context), so training runs them as one token whose attention logit gets ``log 256`` added
-(``RepeatedTokenJointAttnProcessor``): the same function (checked by the tests against the plain
+(``models.attention.RepeatedTokenJointAttnProcessor``): the same function (checked by the tests against the plain
 333-token forward) at a quarter of the cost. ``--check`` samples through the pipeline the same way.
 
 Timesteps: uniform, not SD3's logit-normal. At 8 x 8 x 4 latents the first steps (s > 0.9) decide
@@ -65,7 +65,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,6 +74,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.attention import fold_zero_tokens, unfold_zero_tokens
 from . import NUM_CLASSES, t2i
 from .data import Split
 
@@ -82,6 +82,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHECKED_IN = REPO / "recipes" / "data" / "digits_flow_teacher"
 T2I_VAE = t2i.CHECKED_IN / "vae"
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: zero tokens without T5
+CLIP_TOKENS = 77  # the CLIP tokenizers' model_max_length (t2i.build_tokenizers)
 SHIFT = 3.0  # the scheduler's shift, chosen by --check (not a training setting)
 
 
@@ -182,49 +183,13 @@ def compact_context(clip: torch.Tensor) -> torch.Tensor:
     return full_context(clip, 1)
 
 
-class RepeatedTokenJointAttnProcessor:
-    """``JointAttnProcessor2_0`` for a context whose last token stands for ``repeat`` identical
-    tokens: its key gets ``log(repeat)`` added to the attention logits, which is exactly attention
-    over ``repeat`` copies of it. The copies' own outputs are all that token's output, and SD3's
-    context has no positional embedding, so the transformer computes the same function."""
-
-    def __init__(self, repeat: int = T5_TOKENS):
-        self.log_repeat = math.log(repeat)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n = hidden_states.shape[:2]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        cq, ck, cv = (heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)),
-                      heads(attn.add_v_proj(encoder_hidden_states)))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = self.log_repeat
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, -1), dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[-1] * attn.heads).to(q.dtype)
-        out, ctx = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out, ctx
-
-
 def use_compact_context(transformer, compact: bool = True) -> None:
-    """Switch the transformer's attention to ``RepeatedTokenJointAttnProcessor`` (or back)."""
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    transformer.set_attn_processor(RepeatedTokenJointAttnProcessor() if compact else JointAttnProcessor2_0())
+    """Fold the context's zero T5 tokens into one (``models.attention``, the loader's own switch for
+    T5-free SD3 teachers), or back to diffusers' plain attention."""
+    if compact:
+        fold_zero_tokens(transformer, CLIP_TOKENS + 1, T5_TOKENS)
+    else:
+        unfold_zero_tokens(transformer)
 
 
 def caption_table(tokenizers, encoders) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,10 @@
   hidden states concatenated (77 tokens), zero-padded to T5's width, then T5's last hidden states
   (256 tokens, the pipeline's max_sequence_length default) appended along the sequence; pooled =
   both CLIP pooled projections concatenated; uncond = the pipeline's encoding of the empty
-  negative prompt "" (not zeros: SD3 has no force_zeros_for_empty_prompt).
+  negative prompt "" (not zeros: SD3 has no force_zeros_for_empty_prompt). Without T5 (SD3's
+  T5-free mode) the 256 zero tokens are one zero token here, unless ``compact_t5=False``: the loader
+  gives such a transformer ``attention.RepeatedTokenJointAttnProcessor``, the same function at a
+  quarter of the tokens.
 - FLUX: as FluxPipeline.encode_prompt (diffusers): pooled_projections = CLIP's pooler_output (77
   tokens), encoder_hidden_states = T5's last hidden states (512 tokens, the pipeline's
   max_sequence_length default); its text_ids are zeros, made where the transformer is called
@@ -41,7 +44,8 @@ def cond_to(cond: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 class Conditioner:
     """Encodes prompts or labels with the teacher's frozen text encoders (outside the engines)."""
 
-    def __init__(self, teacher: Teacher, resolution: int, device: torch.device | str = "cpu"):
+    def __init__(self, teacher: Teacher, resolution: int, device: torch.device | str = "cpu",
+                 compact_t5: bool = True):
         self.family = teacher.family
         self.encoders = [e.to(device) for e in teacher.text_encoders]
         self.tokenizers = teacher.tokenizers
@@ -53,6 +57,8 @@ class Conditioner:
         self._cross_dim = cad
         self._joint_dim = getattr(teacher.unet.config, "joint_attention_dim", None)  # SD3 transformers
         self._uncond1: dict[str, torch.Tensor] | None = None  # computed once, reused every step
+        # SD3 without T5: its zero tokens as one (attention.py); False: the pipeline's own 256
+        self._t5_tokens = 1 if compact_t5 and teacher.t5_free else SD3_T5_TOKENS
 
     @property
     def text(self) -> bool:
@@ -91,7 +97,7 @@ class Conditioner:
         if len(self.encoders) > 2:
             t5 = self.encoders[2](self._tokenize(self.tokenizers[2], prompts, SD3_T5_TOKENS))[0]
         else:  # a pipeline without T5: its _get_t5_prompt_embeds returns zeros of the joint width
-            t5 = torch.zeros(len(prompts), SD3_T5_TOKENS, self._joint_dim, device=self.device)
+            t5 = torch.zeros(len(prompts), self._t5_tokens, self._joint_dim, device=self.device)
         clip = torch.cat(hidden, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2).float(),

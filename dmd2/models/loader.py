@@ -88,6 +88,11 @@ class Teacher:
         return is_flux(self.unet)
 
     @property
+    def t5_free(self) -> bool:
+        """An SD3 pipeline without T5 (``text_encoder_3`` null): its T5 tokens are zeros."""
+        return self.family == "sd3" and len(self.text_encoders) == 2
+
+    @property
     def guidance_embeds(self) -> bool:
         """A guidance-distilled denoiser (FLUX.1-dev): the guidance scale is one of its inputs."""
         return bool(self.unet.config.get("guidance_embeds"))
@@ -320,6 +325,13 @@ def _load_diffusers(source: str, denoiser: bool = True, resolution: int | None =
     teacher = Teacher(source, family, unet, None, dict(sched_cfg), vae, encoders, tokenizers,
                       given_resolution=resolution)
     teacher.schedule = _schedule_from_config(sched_cfg, where, teacher)
+    if teacher.t5_free:
+        from .attention import fold_zero_tokens
+        from .conditioning import SD3_T5_TOKENS
+
+        # conditioning.py's compact context (the CLIP tokens and one zero token) runs as the
+        # pipeline's 256 zero tokens; every copy of this transformer (the roles) carries it
+        fold_zero_tokens(unet, tokenizers[0].model_max_length + 1, SD3_T5_TOKENS)
     return teacher
 
 

@@ -44,7 +44,8 @@ class Student:
         # a guidance-distilled generator is called with the guidance it was trained at (roles.guided_x0)
         self.denoiser = Denoiser(fp32(parts.unet, self.device).eval(), parts.schedule,
                                  parts.guidance(recipe.loss.cfg_scale))
-        self.cond = Conditioner(parts, self.resolution, self.device)
+        # the pipeline's own conditioning, so that an exported pipeline draws exactly this
+        self.cond = Conditioner(parts, self.resolution, self.device, compact_t5=False)
         self.vae = fp32(parts.vae, self.device)
         lat = parts.latent_size(self.resolution)
         self.latent_shape = (parts.channels, lat, lat)
