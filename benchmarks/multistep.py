@@ -1,7 +1,8 @@
 """The multi-step experiment: train a digits student (default the 4-step class-conditional one;
-``--recipe recipes/digits_t2i_4step.yaml`` for digits-t2i) with recipe overrides and score it the
+``--recipe recipes/digits_t2i_4step.yaml`` for digits-t2i, ``recipes/digits_flow_4step.yaml`` for
+digits-flow) with recipe overrides and score it the
 way `make demo` does (FID, precision/recall, label accuracy in the digits judges' feature space;
-digits-t2i images reduced to 8 x 8 first), at all its timesteps, at all but the last (a harmful last
+digits-t2i and digits-flow images reduced to 8 x 8 first), at all its timesteps, at all but the last (a harmful last
 step shows), and at its checkpoint a quarter of the way (degradation with training shows). One
 JSON line per variant in runs/multistep/results.jsonl.
 
@@ -33,21 +34,21 @@ def _dmd2(*args: str) -> None:
         sys.exit(f"dmd2 {' '.join(args[:2])} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
 
 
-def _score(run: Path, paths, judge, timesteps: list[int] | None, n: int, name: str, t2i: bool) -> dict:
+def _score(run: Path, paths, judge, timesteps: list[int] | None, n: int, name: str, bench: str) -> dict:
     from dmd2.digits import t2i as digits_t2i
-    from dmd2.digits.report import DIGITS, T2I
+    from dmd2.digits.report import DIGITS
 
     images = OUT / "images" / name
     report = OUT / "images" / f"{name}.json"
     extra = ["--timesteps", ",".join(map(str, timesteps))] if timesteps else []
-    if t2i:  # image i: prompt i mod 60, whose digit is i mod 10 (all_prompts' order)
+    if bench != DIGITS:  # image i: prompt i mod 60, whose digit is i mod 10 (all_prompts' order)
         extra += ["--prompts-file", str(digits_t2i.PROMPTS_FILE)]
     _dmd2("eval", str(run), "--fid", "--feature-extractor", str(paths.features), "--ref-dir",
           str(paths.data / "train"), "--num-images", str(n), *extra,
           "--images-dir", str(images), "--out", str(report))
     rep = json.loads(report.read_text())
     fid = {m["name"]: m["value"] for m in rep["metrics"]}["fid"]
-    row, _ = judge.score(name, len(rep["protocol"]["timesteps"]), images / "student", fid, n, T2I if t2i else DIGITS)
+    row, _ = judge.score(name, len(rep["protocol"]["timesteps"]), images / "student", fid, n, bench)
     return {"fid": round(row.fid, 3), "precision": round(row.precision, 3), "recall": round(row.recall, 3),
             "label_accuracy": round(row.label_accuracy, 3)}
 
@@ -63,8 +64,11 @@ def main(argv=None) -> None:
     ap.add_argument("--num-images", type=int, default=1000)
     args = ap.parse_intermixed_args(argv)
     paths = prepare(OUT, REPO / "runs" / "digits", train_teacher=False)
-    t2i = "t2i" in Path(args.recipe).name
-    if t2i:
+    from dmd2.digits.report import DIGITS, FLOW, T2I
+
+    name = Path(args.recipe).name
+    bench = T2I if "t2i" in name else FLOW if "flow" in name else DIGITS
+    if bench != DIGITS:
         from dmd2.digits.t2i import write_captioned_digits
 
         real = write_captioned_digits(REPO / "runs" / "digits" / "t2i_data")
@@ -86,11 +90,11 @@ def main(argv=None) -> None:
 
     recipe = load_recipe(REPO / args.recipe)
     row = {"name": args.name, "recipe": args.recipe, "overrides": args.overrides, "steps": args.steps,
-           "train_s": round(train_s), "all4": _score(run, paths, judge, None, args.num_images, args.name, t2i)}
+           "train_s": round(train_s), "all4": _score(run, paths, judge, None, args.num_images, args.name, bench)}
     if recipe.generator.num_steps > 1:
         ts = json.loads((OUT / "images" / f"{args.name}.json").read_text())["protocol"]["timesteps"]
-        row["first3"] = _score(run, paths, judge, ts[:-1], args.num_images, f"{args.name}_first3", t2i)
-    row["quarter"] = _score(early, paths, judge, None, args.num_images, f"{args.name}_quarter", t2i)
+        row["first3"] = _score(run, paths, judge, ts[:-1], args.num_images, f"{args.name}_first3", bench)
+    row["quarter"] = _score(early, paths, judge, None, args.num_images, f"{args.name}_quarter", bench)
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -16,7 +16,10 @@ import numpy as np
 
 from . import NUM_CLASSES, RESOLUTION
 
-DIGITS, T2I = "digits", "digits-t2i"  # the two benchmarks: class-conditional EDM; SDXL-style text-to-image
+# the three benchmarks: class-conditional EDM; SDXL-style text-to-image (DDPM, UNet); SD3-style flow
+# matching (transformer) on the same VAE latents and prompts
+DIGITS, T2I, FLOW = "digits", "digits-t2i", "digits-flow"
+TEXT = (T2I, FLOW)  # prompted benchmarks: 16 px images judged at 8 x 8, the teacher with and without CFG
 MAIN_STUDENTS = ("student_1step", "student_4step")  # the _first3 / _quarter rows are the same students again
 
 
@@ -36,7 +39,8 @@ class Row:
 
     @property
     def key(self) -> str:
-        return f"{'t2i ' if self.benchmark == T2I else ''}{self.name}@{self.nfe}"
+        prefix = {T2I: "t2i ", FLOW: "flow "}.get(self.benchmark, "")
+        return f"{prefix}{self.name}@{self.nfe}"
 
 
 class Judge:
@@ -78,7 +82,7 @@ class Judge:
         """The row of images ``dmd2 eval`` kept in ``folder``, and the folder it judged: digits use
         the eval's FID; digits-t2i's 16 px images are reduced to 8 x 8 grey first (``<folder>_8px``)
         and FID is taken here, in the same feature space."""
-        if benchmark == T2I:
+        if benchmark in TEXT:
             from .t2i import downscale_folder
 
             folder = downscale_folder(folder, folder.with_name(folder.name + "_8px"), n)
@@ -119,12 +123,12 @@ def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500) -
         s = samplers.get(r.key)
         if s is None:
             continue
-        conds = check_prompts(n) if r.benchmark == T2I else [i % NUM_CLASSES for i in range(n)]
+        conds = check_prompts(n) if r.benchmark in TEXT else [i % NUM_CLASSES for i in range(n)]
         if s.teacher:
             if s.path not in teachers:
                 teachers[s.path] = load_teacher(str(s.path))
             teacher = teachers[s.path]
-            size = IMAGE_SIZE if r.benchmark == T2I else RESOLUTION
+            size = IMAGE_SIZE if r.benchmark in TEXT else RESOLUTION
 
             def go(m, r=r, s=s, teacher=teacher, conds=conds, size=size):
                 for _ in teacher_draw(teacher, conds, seeds, r.nfe, range(m), m, cfg_scale=s.cfg,
@@ -171,13 +175,13 @@ def comparison_grid(rows: list[Row], folders: dict[str, Path], path: Path, per_c
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'benchmark':<10} {'sampler':<22} {'calls':>5} {'steps':>5} {'FID':>8} {'precision':>9} {'recall':>7} "
+    head = (f"{'benchmark':<11} {'sampler':<22} {'calls':>5} {'steps':>5} {'FID':>8} {'precision':>9} {'recall':>7} "
             f"{'label acc':>9} {'images/s':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = f"{r.images_per_s:9.0f}" if r.images_per_s else f"{'-':>9}"
         steps = f"{r.steps:>5}" if r.steps is not None else f"{'-':>5}"
-        lines.append(f"{r.benchmark:<10} {r.name:<22} {r.nfe:>5} {steps} {r.fid:8.3f} {r.precision:9.3f} {r.recall:7.3f} "
+        lines.append(f"{r.benchmark:<11} {r.name:<22} {r.nfe:>5} {steps} {r.fid:8.3f} {r.precision:9.3f} {r.recall:7.3f} "
                      f"{r.label_accuracy:9.3f} {speed}")
     return "\n".join(lines)
 
@@ -203,11 +207,12 @@ def check_targets(rows: list[Row], which: str, wall_s: float | None = None) -> l
         if r is not None:
             checks.append((f"{r.key} label accuracy {r.label_accuracy:.3f} >= {floor}", r.label_accuracy >= floor))
 
-    d1, t2i1 = _find(rows, DIGITS, "student_1step"), _find(rows, T2I, "student_1step")
     if which == "test":
-        le(d1, _find(rows, DIGITS, "teacher", 1), 0.5)
-        if t2i1 is not None:
-            le(t2i1, _find(rows, T2I, "teacher_cfg", t2i1.nfe), 0.5)
+        le(_find(rows, DIGITS, "student_1step"), _find(rows, DIGITS, "teacher", 1), 0.5)
+        for bench in TEXT:
+            one = _find(rows, bench, "student_1step")
+            if one is not None:
+                le(one, _find(rows, bench, "teacher_cfg", one.nfe), 0.5)
         return checks
     if which == "demo":
         for r in rows:
@@ -219,10 +224,10 @@ def check_targets(rows: list[Row], which: str, wall_s: float | None = None) -> l
             checks.append((f"wall time {wall_s / 60:.1f} min <= 10 min", wall_s <= 600))
         return checks
     # bench
-    for bench, teacher_name in ((DIGITS, "teacher"), (T2I, "teacher_cfg")):
+    for bench, teacher_name in ((DIGITS, "teacher"), (T2I, "teacher_cfg"), (FLOW, "teacher_cfg")):
         one, four = _find(rows, bench, "student_1step"), _find(rows, bench, "student_4step")
         t50 = _find(rows, bench, teacher_name, 50)
-        if bench == T2I and t50 is not None:
+        if bench in TEXT and t50 is not None:
             floor = _find(rows, bench, "real_heldout")
             acc(t50, 0.95)
             le(t50, floor, 3.0)
