@@ -230,6 +230,9 @@ def teacher_draw(teacher: Teacher, conds: Sequence[str | int], seeds: Sequence[i
         fp32(m, device)
     if text:
         pipe = diffusers_pipeline(teacher, teacher_scheduler(teacher))
+        # SD3 without T5: one zero T5 token, which the loader's attention processor counts as the
+        # pipeline's 256 (models/attention.py): the same images at a quarter of the context
+        t5_free = {"max_sequence_length": 1} if teacher.t5_free else {}
     else:
         denoiser = Denoiser(teacher.unet.eval(), teacher.schedule)
         cond = Conditioner(teacher, resolution, device)
@@ -240,7 +243,7 @@ def teacher_draw(teacher: Teacher, conds: Sequence[str | int], seeds: Sequence[i
         if text:
             gens = [torch.Generator().manual_seed(int(seeds[i])) for i in chunk]
             images = pipe([conds[i] for i in chunk], num_inference_steps=steps, **guidance_kwargs(teacher, cfg_scale, len(chunk)),
-                          generator=gens, height=resolution, width=resolution, output_type="pt").images
+                          generator=gens, height=resolution, width=resolution, output_type="pt", **t5_free).images
             yield chunk, images.float() * 2 - 1
         else:
             c = cond.encode_labels(torch.tensor([conds[i] for i in chunk]))

@@ -150,3 +150,49 @@ def test_text_encoders_are_digits_t2is_with_projections():
     ref2 = CLIPTextModelWithProjection.from_pretrained(str(t2i.CHECKED_IN / "text_encoder_2")).state_dict()
     ours2 = CLIPTextModelWithProjection.from_pretrained(str(TEACHER / "text_encoder_2")).state_dict()
     assert ref2.keys() == ours2.keys() and all(torch.equal(ref2[k], ours2[k]) for k in ref2)
+
+
+def test_bench_checks_the_flow_students_as_the_t2i_ones():
+    """make bench-quality's targets for digits-flow (report.check_targets): the teacher's own bar,
+    the students against teacher_cfg at 50, 4-step against 1-step, _first3 and _quarter, label
+    accuracy and recall; a worse 4-step student is a miss."""
+    from dmd2.digits.report import FLOW, Row, check_targets
+
+    def row(name, nfe, fid, recall=0.8, acc=0.99, steps=None):
+        return Row(name, nfe, fid, 0.9, recall, acc, None, FLOW, steps)
+
+    rows = [row("teacher_cfg", 50, 10.0), row("teacher_nocfg", 50, 12.0), row("real_heldout", 0, 3.5),
+            row("student_1step", 1, 9.0, steps=1000), row("student_4step", 4, 8.0, steps=1000),
+            row("student_4step_first3", 3, 20.0, steps=1000), row("student_4step_quarter", 4, 11.0, steps=250)]
+    checks = check_targets(rows, "bench")
+    texts = [t for t, _ in checks]
+    assert all(ok for _, ok in checks), checks
+    assert all(t.startswith("flow ") for t in texts) and len(texts) == 10, texts
+    assert any("flow student_4step@4 FID 8.00 <= flow student_1step@1" in t for t in texts)
+    rows[4] = row("student_4step", 4, 9.5, steps=1000)
+    missed = [t for t, ok in check_targets(rows, "bench") if not ok]
+    assert missed == ["flow student_4step@4 FID 9.50 <= flow student_1step@1 FID 9.00"]
+
+
+@pytest.mark.slow
+def test_demo_flow_student_beats_the_cfg_teacher_at_one_call(tmp_path):
+    """digits-flow end to end (profile "test-flow", make test-all): the SD3 flow-matching path
+    (a T5-free SD3 transformer, CFG, velocity prediction on VAE latents, the GAN on the captioned
+    digits) trains a 1-step student from the checked-in teacher through the real CLI; scored at
+    8 x 8 against the teacher with CFG at one call, and it draws the prompt's digit."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    out = tmp_path / "demo"
+    res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", "test-flow", "--out", str(out),
+                          "--cache", str(tmp_path / "cache")], cwd=REPO, env=cli_env(), capture_output=True,
+                         text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    rows = {(r["benchmark"], r["name"], r["nfe"]): r for r in json.loads((out / "report.json").read_text())}
+    student, teacher = rows["digits-flow", "student_1step", 1], rows["digits-flow", "teacher_cfg", 1]
+    assert student["steps"] == 200
+    assert student["fid"] <= 0.5 * teacher["fid"], (student, teacher)
+    assert student["label_accuracy"] >= 0.8, student
+    assert (out / "samples" / "digits-flow_student_1step" / "grid.png").is_file()

@@ -1,16 +1,20 @@
-"""``make demo`` and ``make bench-quality``: distill the two digits teachers on CPU and compare the
+"""``make demo`` and ``make bench-quality``: distill the digits teachers on CPU and compare the
 students with the teachers at equal sampling steps, in one table.
 
     python -m dmd2.digits.demo            # make demo: under 10 minutes on 2 idle CPU cores
-    python -m dmd2.digits.demo --bench    # make bench-quality: all four students, longer, more samples
+    python -m dmd2.digits.demo --bench    # make bench-quality: all the students, longer, more samples
+    python -m dmd2.digits.demo --bench --only digits-flow   # one benchmark's rows (runs/bench-quality-digits-flow)
 
-Two benchmarks, one report (rows carry ``benchmark``):
+Three benchmarks, one report (rows carry ``benchmark``):
 
 - ``digits``: the class-conditional EDM teacher (``recipes/data/digits_teacher``);
 - ``digits-t2i``: the SDXL-layout text-to-image teacher (``recipes/data/digits_t2i_teacher``: two
   CLIP encoders, a VAE, DDPM epsilon-prediction, CFG), prompted with the shipped prompts file
   (image i: prompt i mod 60, whose digit is i mod 10); its 16 px images are reduced to 8 x 8 grey
-  (``t2i.downscale``) and judged in the same feature space as the digits.
+  (``t2i.downscale``) and judged in the same feature space as the digits;
+- ``digits-flow`` (bench only): the SD3-layout flow-matching teacher
+  (``recipes/data/digits_flow_teacher``: a tiny SD3Transformer2DModel on digits-t2i's VAE latents,
+  the same prompts), judged as digits-t2i.
 
 1. Data, teachers, judges: the digits as class folders (``runs/digits/data``), the captioned digits
    at 16 px for digits-t2i's GAN, the checked-in teachers (``--train-teacher`` retrains the digits
@@ -41,7 +45,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data import Split, write_digits
-from .report import DIGITS, T2I, Judge, Row, Sampler, check_targets, comparison_grid, measure_speed, table
+from .report import (
+    DIGITS,
+    FLOW,
+    T2I,
+    TEXT,
+    Judge,
+    Row,
+    Sampler,
+    check_targets,
+    comparison_grid,
+    measure_speed,
+    table,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKED_IN_TEACHER = REPO / "recipes" / "data" / "digits_teacher"
@@ -67,7 +83,7 @@ class Student:
 class TeacherRow:
     benchmark: str
     nfe: int
-    cfg: float | None = None  # digits-t2i: guidance scale, 1 = none, None = the teacher's best (t2i_teacher_cfg)
+    cfg: float | None = None  # text benchmarks: guidance scale, 1 = none, None = the teacher's best (teacher_cfg)
 
     @property
     def name(self) -> str:
@@ -84,14 +100,21 @@ class Profile:
     grid_images: int = 100
 
 
-def t2i_teacher_cfg() -> float:
-    """teacher_cfg's guidance: the digits-t2i teacher's best at 50 steps (lowest FID with label
-    accuracy >= 0.95), as ``python -m dmd2.digits.t2i --check`` recorded it beside the weights. The
-    students' own ``loss.cfg_scale`` is a distillation setting, chosen by measurement (README)."""
-    from .t2i import CHECKED_IN
+def text_teacher(benchmark: str) -> Path:
+    """The checked-in teacher folder of a text benchmark."""
+    from . import flow, t2i
 
-    return float(json.loads((CHECKED_IN / "digits_t2i_teacher.json").read_text())
-                 ["quality"]["summary"]["best_guidance_scale"])
+    return {T2I: t2i.CHECKED_IN, FLOW: flow.CHECKED_IN}[benchmark]
+
+
+def teacher_cfg(benchmark: str) -> float:
+    """teacher_cfg's guidance: a text teacher's best at 50 steps (lowest FID with label accuracy >=
+    0.95), as ``python -m dmd2.digits.t2i --check`` (``dmd2.digits.flow --check``) recorded it beside
+    the weights. The students' own ``loss.cfg_scale`` is a distillation setting, chosen by
+    measurement (README)."""
+    folder = text_teacher(benchmark)
+    record = folder / ("digits_t2i_teacher.json" if benchmark == T2I else "digits_flow_teacher.json")
+    return float(json.loads(record.read_text())["quality"]["summary"]["best_guidance_scale"])
 
 
 def _teachers(benchmark: str, nfes: tuple[int, ...], nocfg: tuple[int, ...] = ()) -> tuple[TeacherRow, ...]:
@@ -115,8 +138,12 @@ PROFILES = {
         Student("student_4step", "recipes/digits_t2i_4step.yaml", T2I, 1000, quarter=True, first=True),
         # the authors' 1-step SDXL warm start: ODE pairs, the regression stage, then DMD2 from it
         Student("regression_only", "recipes/digits_t2i_1step_regression.yaml", T2I, pairs=(1000, 25)),
-        Student("student_1step_warm", "recipes/digits_t2i_1step_warm.yaml", T2I, 1000, init="regression_only")),
-        _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1, 4, 50), (50,)), 2000, "bench"),
+        Student("student_1step_warm", "recipes/digits_t2i_1step_warm.yaml", T2I, 1000, init="regression_only"),
+        # the flow-matching (SD3) path
+        Student("student_1step", "recipes/digits_flow_1step.yaml", FLOW, 1000),
+        Student("student_4step", "recipes/digits_flow_4step.yaml", FLOW, 1000, quarter=True, first=True)),
+        _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1, 4, 50), (50,)) + _teachers(FLOW, (1, 4, 50), (50,)),
+        2000, "bench"),
     # tests/test_digits.py: the 1-step students, briefly trained, against the 1-call teachers.
     # 150 steps need the faster constant rates of the recipe's first version (at the recipe's own
     # 1e-4/3e-4 cosine the student is at FID 43 after 150 steps, 0.65x the teacher's).
@@ -124,6 +151,8 @@ PROFILES = {
                     _teachers(DIGITS, (1,)), 300, "test", grid_images=20),
     "test-t2i": Profile("runs/demo-test-t2i", (Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 300,
                                                        _FAST),), _teachers(T2I, (1,)), 300, "test", grid_images=20),
+    "test-flow": Profile("runs/demo-test-flow", (Student("student_1step", "recipes/digits_flow_1step.yaml", FLOW, 200,
+                                                         _FAST),), _teachers(FLOW, (1,)), 300, "test", grid_images=20),
 }
 
 
@@ -358,12 +387,12 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False)
             from ..models.student import load_student
 
             extra += ["--timesteps", ",".join(map(str, load_student(run).timesteps[:-1]))]
-        if e.student.benchmark == T2I:  # image i: prompt i mod 60, whose digit is i mod 10
+        if e.student.benchmark in TEXT:  # image i: prompt i mod 60, whose digit is i mod 10
             extra += ["--prompts-file", str(PROMPTS_FILE)]
         if e.teacher is not None:
             extra += ["--teacher", "--teacher-steps", str(e.teacher.nfe)]
-            if e.student.benchmark == T2I:
-                extra += ["--teacher-cfg", str(e.teacher.cfg or t2i_teacher_cfg())]
+            if e.student.benchmark in TEXT:
+                extra += ["--teacher-cfg", str(e.teacher.cfg or teacher_cfg(e.student.benchmark))]
         return ["eval", str(run.resolve()), "--fid", "--feature-extractor", str(p.features.resolve()),
                 "--ref-dir", str((p.data / "train").resolve()), "--num-images", str(profile.num_images),
                 "--seed", "0", "--batch-size", "250", "--stats-cache", str((p.out / "fid_stats").resolve()),
@@ -395,10 +424,12 @@ def _check_finished(run: Path, steps: int) -> None:
 
 def _cost(s: Student) -> float:
     """Rough core-seconds of a training run, to start the longest first (s/step measured here on
-    one core at batch 128: digits 1-step 0.4, 4-step 0.45; digits-t2i 1-step 0.7, 4-step 0.9)."""
+    one core at batch 128: digits 1-step 0.4, 4-step 0.45; digits-t2i 1-step 0.7, 4-step 0.9;
+    digits-flow 1-step 1.0, 4-step 1.5)."""
     r = _recipe(s.recipe)
     batch = next((int(o.split("=")[1]) for o in s.overrides if o.startswith("train.batch_size=")), r.train.batch_size)
-    per_step = (0.7 if s.benchmark == T2I else 0.4) + (0.2 if r.generator.num_steps > 1 else 0.0)
+    multi = r.generator.num_steps > 1
+    per_step = {T2I: 0.7 + 0.2 * multi, FLOW: 1.0 + 0.5 * multi}.get(s.benchmark, 0.4 + 0.05 * multi)
     if r.regression is not None:  # the generator alone
         per_step = 0.25
     return _max_steps(s) * per_step * batch / 128
@@ -413,8 +444,6 @@ def collect_rows(profile: Profile, p: Paths) -> tuple[list[Row], dict[str, Path]
     8 x 8 grey and FID taken here, in the same feature space; precision, recall and label accuracy
     from the same images), the real-vs-real floor of each benchmark; the image folder and the
     sampler of each row (by ``Row.key``)."""
-    from .t2i import CHECKED_IN
-
     judge = Judge(p.features, p.data / "train")
     rows, folders, samplers = [], {}, {}
     n = profile.num_images
@@ -431,15 +460,17 @@ def collect_rows(profile: Profile, p: Paths) -> tuple[list[Row], dict[str, Path]
         folders[row.key] = folder
         if e.teacher is not None:
             cfg = report["teacher"]["cfg_scale"] or 1.0  # the guidance it was drawn with (classcond: None)
-            samplers[row.key] = Sampler(p.teacher if e.student.benchmark == DIGITS else CHECKED_IN, True, cfg)
+            samplers[row.key] = Sampler(p.teacher if e.student.benchmark == DIGITS else text_teacher(e.student.benchmark),
+                                        True, cfg)
         elif not e.variant:
             samplers[row.key] = Sampler(p.runs[_key(e.student)])
     floor = judge.floor(p.data / "heldout")
     for bench in dict.fromkeys(s.benchmark for s in profile.students):
-        # digits-t2i's real images are the same digits at 16 px; reduced, they are these exactly
+        # the text benchmarks' real images are the same digits at 16 px; reduced, they are these exactly
         rows.append(replace(floor, benchmark=bench))
     order = {"t": 0, "s": 1, "r": 2}
-    rows.sort(key=lambda r: (r.benchmark != DIGITS, order[r.name[0]], r.name, r.nfe))
+    benches = (DIGITS, T2I, FLOW)
+    rows.sort(key=lambda r: (benches.index(r.benchmark), order[r.name[0]], r.name, r.nfe))
     return rows, folders, samplers
 
 
@@ -447,7 +478,7 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, trai
         rescore: bool = False) -> list[Row]:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    p = prepare(out, cache, train_teacher, t2i=any(s.benchmark == T2I for s in profile.students))
+    p = prepare(out, cache, train_teacher, t2i=any(s.benchmark in TEXT for s in profile.students))
     seconds = train_and_eval(profile, p, jobs, rescore)
     _say("scoring the kept images and timing each sampler")
     rows, folders, samplers = collect_rows(profile, p)
@@ -478,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dmd2.digits.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--bench", action="store_true", help="make bench-quality: the same pipeline, longer")
     ap.add_argument("--profile", choices=sorted(PROFILES),
-                    help="demo (default), bench, or test / test-t2i (tests/test_digits.py)")
+                    help="demo (default), bench, or test / test-t2i / test-flow (tests/test_digits*.py)")
     ap.add_argument("--out", help="output folder (default: the profile's, e.g. runs/demo)")
     ap.add_argument("--cache", help=f"folder for the data and the feature extractor (default: {CACHE})")
     ap.add_argument("--jobs", type=int, default=2, help="dmd2 processes at once (one per core)")
@@ -486,8 +517,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="retrain the teacher with dmd2.digits.teacher (cached) instead of the checked-in copy")
     ap.add_argument("--rescore", action="store_true",
                     help="keep the finished student runs in the output folder; evaluate and report again")
+    ap.add_argument("--only", choices=(DIGITS, T2I, FLOW),
+                    help="one benchmark's rows of the profile (default folder: the profile's, suffixed -BENCHMARK)")
     args = ap.parse_args(argv)
     profile = PROFILES[args.profile or ("bench" if args.bench else "demo")]
+    if args.only:
+        students = tuple(s for s in profile.students if s.benchmark == args.only)
+        if not students:
+            ap.error(f"--only {args.only}: the {args.profile or ('bench' if args.bench else 'demo')} profile has no "
+                     f"{args.only} students")
+        # its own folder: a one-benchmark report never overwrites the profile's whole one
+        profile = replace(profile, out=f"{profile.out}-{args.only}", students=students,
+                          teachers=tuple(t for t in profile.teachers if t.benchmark == args.only))
     out = Path(args.out).resolve() if args.out else REPO / profile.out
     cache = Path(args.cache).resolve() if args.cache else REPO / CACHE
     run(profile, out, cache=cache, jobs=args.jobs, train_teacher=args.train_teacher, rescore=args.rescore)
