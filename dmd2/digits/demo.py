@@ -425,11 +425,11 @@ def _check_finished(run: Path, steps: int) -> None:
 def _cost(s: Student) -> float:
     """Rough core-seconds of a training run, to start the longest first (s/step measured here on
     one core at batch 128: digits 1-step 0.4, 4-step 0.45; digits-t2i 1-step 0.7, 4-step 0.9;
-    digits-flow 1-step 1.0, 4-step 1.5)."""
+    digits-flow 1-step 1.4, 4-step 1.8)."""
     r = _recipe(s.recipe)
     batch = next((int(o.split("=")[1]) for o in s.overrides if o.startswith("train.batch_size=")), r.train.batch_size)
     multi = r.generator.num_steps > 1
-    per_step = {T2I: 0.7 + 0.2 * multi, FLOW: 1.0 + 0.5 * multi}.get(s.benchmark, 0.4 + 0.05 * multi)
+    per_step = {T2I: 0.7 + 0.2 * multi, FLOW: 1.4 + 0.4 * multi}.get(s.benchmark, 0.4 + 0.05 * multi)
     if r.regression is not None:  # the generator alone
         per_step = 0.25
     return _max_steps(s) * per_step * batch / 128
