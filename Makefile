@@ -44,7 +44,8 @@ lint: $(PY)
 	$(VENV)/bin/ruff check dmd2 tests scripts benchmarks
 
 # The main job on the embedded default: distill the digits teacher on CPU, compare in one table
-# (runs/demo/report.json). bench-quality: the same pipeline, longer, six students (runs/bench-quality/).
+# (runs/demo/report.json). bench-quality: the same pipeline, longer, eight students on three benchmarks
+# (runs/bench-quality/; python -m dmd2.digits.demo --bench --only digits-flow: one benchmark).
 demo: $(STAMP)
 	$(PY) -m dmd2.digits.demo
 
