@@ -112,9 +112,8 @@ def teacher_cfg(benchmark: str) -> float:
     0.95), as ``python -m dmd2.digits.t2i --check`` (``dmd2.digits.flow --check``) recorded it beside
     the weights. The students' own ``loss.cfg_scale`` is a distillation setting, chosen by
     measurement (README)."""
-    folder = text_teacher(benchmark)
-    record = folder / ("digits_t2i_teacher.json" if benchmark == T2I else "digits_flow_teacher.json")
-    return float(json.loads(record.read_text())["quality"]["summary"]["best_guidance_scale"])
+    folder = text_teacher(benchmark)  # its record is <folder name>.json (t2i.py, flow.py)
+    return float(json.loads((folder / f"{folder.name}.json").read_text())["quality"]["summary"]["best_guidance_scale"])
 
 
 def _teachers(benchmark: str, nfes: tuple[int, ...], nocfg: tuple[int, ...] = ()) -> tuple[TeacherRow, ...]:
@@ -425,7 +424,7 @@ def _check_finished(run: Path, steps: int) -> None:
 def _cost(s: Student) -> float:
     """Rough core-seconds of a training run, to start the longest first (s/step measured here on
     one core at batch 128: digits 1-step 0.4, 4-step 0.45; digits-t2i 1-step 0.7, 4-step 0.9;
-    digits-flow 1-step 1.4, 4-step 1.8)."""
+    digits-flow 1-step 1.4, 4-step 1.8, from its recipes' batch 64 doubled: 0.68 and 0.88-0.98)."""
     r = _recipe(s.recipe)
     batch = next((int(o.split("=")[1]) for o in s.overrides if o.startswith("train.batch_size=")), r.train.batch_size)
     multi = r.generator.num_steps > 1

@@ -31,7 +31,7 @@ class RepeatedTokenJointAttnProcessor:
     def __init__(self, context_tokens: int, repeat: int):
         from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-        self.context_tokens, self.repeat = int(context_tokens), int(repeat)
+        self.context_tokens = int(context_tokens)
         self.log_repeat = math.log(repeat)
         self.plain = JointAttnProcessor2_0()
 
