@@ -140,7 +140,7 @@ PROFILES = {
         Student("student_1step_warm", "recipes/digits_t2i_1step_warm.yaml", T2I, 1000, init="regression_only"),
         # the flow-matching (SD3) path
         Student("student_1step", "recipes/digits_flow_1step.yaml", FLOW, 1000),
-        Student("student_4step", "recipes/digits_flow_4step.yaml", FLOW, 1000, quarter=True, first=True)),
+        Student("student_4step", "recipes/digits_flow_4step.yaml", FLOW, 500, quarter=True, first=True)),
         _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1, 4, 50), (50,)) + _teachers(FLOW, (1, 4, 50), (50,)),
         2000, "bench"),
     # tests/test_digits.py: the 1-step students, briefly trained, against the 1-call teachers.
