@@ -303,6 +303,8 @@ def eval_(
     images_dir: Path = typer.Option(None, "--images-dir", help="Where generated images are kept (default: beside "
                                     "--out as <name>_images/, else a temporary folder)."),
     teacher: bool = typer.Option(False, "--teacher", help="Also score the teacher, sampled with its own scheduler."),
+    teacher_only: bool = typer.Option(False, "--teacher-only", help="Score the teacher alone (implies --teacher): "
+                                      "its baseline at --teacher-steps, without drawing the generator."),
     teacher_steps: int = typer.Option(25, "--teacher-steps", min=1, help="Teacher sampling steps (with --teacher)."),
     teacher_cfg: float = typer.Option(None, "--teacher-cfg", help="Teacher CFG scale (default: the recipe's loss.cfg_scale)."),
     out: Path = typer.Option(None, "--out", help="Write the JSON report here (and to the run's wandb, if it logs there)."),
@@ -320,6 +322,7 @@ def eval_(
 
     With --all-checkpoints, every checkpoint of a run (train.keep_last decides which are kept).
     """
+    teacher = teacher or teacher_only
     if watch and not all_checkpoints:
         _fail("--watch polls for new checkpoints of a run: pass it with --all-checkpoints")
     if all_checkpoints:
@@ -361,7 +364,7 @@ def eval_(
             rows = evaluate_all(source, watch=watch, poll_s=poll_s, echo=typer.echo, **kwargs)
         else:
             report = evaluate(source, **kwargs, teacher_steps=teacher_steps if teacher else None,
-                              teacher_cfg=teacher_cfg, out=out)
+                              teacher_cfg=teacher_cfg, out=out, student=not teacher_only)
     except UserError as e:
         _fail(str(e))
     if all_checkpoints:

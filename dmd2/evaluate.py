@@ -291,9 +291,11 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
              stats_cache: str | None = None, images_dir: str | Path | None = None, teacher_steps: int | None = None,
              teacher_cfg: float | None = None, out: str | Path | None = None, device=None,
              extra_metrics: dict[str, Callable[[torch.Tensor, list], float]] | None = None,
-             ckpt: str | Path | None = None) -> dict:
+             ckpt: str | Path | None = None, student: bool = True) -> dict:
     """Generate ``num_images`` images (image i: seed + i, prompt i of the file or class i mod C), score
     them, and do the same for the teacher if ``teacher_steps``; returns (and writes) the report.
+    ``student`` False (with ``teacher_steps``): the teacher alone, the generator only read for its
+    recipe and conditioning.
 
     ``feature_extractor``: a TorchScript path, or a loaded ``FeatureExtractor``. ``extra_metrics``:
     name -> fn(images N x H x W x 3 uint8, conditions) -> float, scored beside FID and CLIP.
@@ -327,6 +329,8 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         raise _no_extractor("offline: HF_HUB_OFFLINE is set")
     if teacher_steps is not None:
         teacher_timesteps(teacher_steps)
+    elif not student:
+        raise UserError("--teacher-only needs the teacher's sampling steps (--teacher-steps)")
     if images_dir is None:
         if out is not None:
             images_dir = Path(out).with_name(Path(out).stem + "_images")
@@ -382,12 +386,15 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         return found
 
     metrics: list[dict] = []
-    folder = _fresh(images_dir / "student", rank, world)
-    for chunk, images in draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size, progress=show):
-        save_images(images, chunk, folder)
-    barrier(world)
-    if rank == 0:
-        metrics += score(folder, "")
+    if student:
+        folder = _fresh(images_dir / "student", rank, world)
+        for chunk, images in draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size, progress=show):
+            save_images(images, chunk, folder)
+        barrier(world)
+        if rank == 0:
+            metrics += score(folder, "")
+    elif rank == 0:  # a generator's images from an earlier eval would read as this one's
+        shutil.rmtree(images_dir / "student", ignore_errors=True)
     report = {"metrics": metrics, "n": len(conds), "model": str(Path(source).resolve()), "step": gen.step, "seconds": 0.0,
               "protocol": {"seed": seed, "timesteps": ts, "prompts": str(prompts_file) if prompts_file else None, "images": str(images_dir),
                            "reference": str(ref) if fid else None,

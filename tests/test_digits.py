@@ -137,6 +137,26 @@ def test_demo_t2i_student_beats_the_cfg_teacher_at_one_call(tmp_path):
     assert (out / "samples" / "digits-t2i_student_1step" / "grid.png").is_file()
 
 
+def test_run_parallel_hands_each_finished_command_to_on_done_and_stops_on_its_error(tmp_path):
+    """The demo scores each eval in the parent as it finishes: in finishing order, after the next
+    commands have started; an error there stops the commands still running and is raised."""
+    from dmd2.digits.demo import run_parallel
+
+    def cmd(name, after=None):
+        return (name, ["--help"], tmp_path / f"{name}.log", after)
+
+    seen = []
+    seconds = run_parallel([cmd("a"), cmd("b", after="a"), cmd("c")], jobs=2, on_done=seen.append)
+    assert sorted(seen) == ["a", "b", "c"] and seen.index("a") < seen.index("b") and set(seconds) == set(seen)
+    assert "Usage: dmd2" in (tmp_path / "b.log").read_text()
+
+    def fail(name):
+        raise RuntimeError(f"scoring {name} failed")
+
+    with pytest.raises(RuntimeError, match="scoring a failed"):
+        run_parallel([cmd("a"), ("slow", ["train", "--help"], tmp_path / "slow.log", "a")], jobs=2, on_done=fail)
+
+
 def test_missing_digits_folder_names_the_command_that_builds_it(tmp_path, monkeypatch):
     from dmd2.data import RealImages
     from dmd2.errors import UserError

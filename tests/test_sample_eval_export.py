@@ -372,6 +372,14 @@ def test_eval_cli_scores_student_and_teacher(sd15_run, tmp_path, extractor_file,
                                  "cfg_scale": 1.75}
     assert sorted(p.name for p in (tmp_path / "report_images").iterdir()) == ["student", "teacher_2steps"]
     assert "fid: " in res.stdout and "teacher/clip_score: " in res.stdout
+    # --teacher-only: the same teacher rows (same seeds), no generator drawn, its old images removed
+    run_cli("eval", sd15_run, "--fid", "--eval-res", 24, "--ref-dir", TINY_IMAGES, "--feature-extractor", extractor_file,
+            "--stats-cache", tmp_path / "c", "--prompts-file", REPO / "recipes" / "data" / "tiny_prompts.txt",
+            "--num-images", 4, "--teacher-only", "--teacher-steps", 2, "--out", out)
+    alone = json.loads(out.read_text())
+    assert [m["name"] for m in alone["metrics"]] == ["teacher/fid"]
+    assert alone["metrics"][0]["value"] == pytest.approx(report["metrics"][3]["value"], rel=1e-6)
+    assert sorted(p.name for p in (tmp_path / "report_images").iterdir()) == ["teacher_2steps"]
 
 
 def test_classcond_labels_teacher_and_export(classcond_run, tmp_path):

@@ -24,8 +24,9 @@ Three benchmarks, one report (rows carry ``benchmark``):
    time (one per core), the longest first.
 3. ``dmd2 eval --fid [--teacher]`` per row, which keeps its images: each student at all its
    timesteps, multi-step ones also at all but the last (``_first3``) and at their checkpoint a
-   quarter of the way (``_quarter``); each teacher row beside a student of its benchmark.
-   Precision/recall and label accuracy are computed here from those same images.
+   quarter of the way (``_quarter``); each teacher row (``--teacher-only``) from the run folder
+   of a student of its benchmark. Precision/recall and label accuracy are computed here from those
+   same images, as each eval ends, while the other commands run.
 4. ``dmd2 sample`` grids, ``<out>/report.json`` (one row per sampler), ``<out>/grid.png`` and the
    table; the profile's targets are checked and a miss exits 1.
 """
@@ -240,13 +241,15 @@ def _threads(jobs: int, ready: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, min(jobs, ready)))
 
 
-def run_parallel(commands: list[tuple], jobs: int) -> dict[str, float]:
+def run_parallel(commands: list[tuple], jobs: int, on_done=None) -> dict[str, float]:
     """Run ``(name, dmd2 arguments, log file[, after])`` with at most ``jobs`` at once, in order,
     except that a command waits for the one named ``after``; arguments may be a function, called
-    at the start (e.g. to read a finished run). Returns seconds per name. The first failure stops
-    the others and exits with its log's tail."""
+    at the start (e.g. to read a finished run). ``on_done(name)`` runs here after each command
+    succeeds, once the next ones have started. Returns seconds per name. The first failure (of a
+    command or of ``on_done``) stops the others; a command's exits with its log's tail."""
     pending, running, seconds = [tuple(c) + (None,) * (4 - len(c)) for c in commands], {}, {}
-    while pending or running:
+    done: list[str] = []
+    while pending or running or done:
         while len(running) < jobs:
             ready = next((c for c in pending if c[3] is None or c[3] in seconds), None)
             if ready is None:
@@ -264,6 +267,14 @@ def run_parallel(commands: list[tuple], jobs: int) -> dict[str, float]:
             proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=f, stderr=subprocess.STDOUT)
             running[name] = (proc, f, log, time.time())
             _say(f"started  {name}: dmd2 {' '.join(args[:2])} ... (log {log})")
+        if done:  # the parent's own work (scoring a finished eval's images) while the commands run
+            try:
+                on_done(done.pop(0))
+            except BaseException:
+                for other, *_ in running.values():
+                    other.terminate()
+                raise
+            continue
         time.sleep(0.5)
         for name, (proc, f, log, t0) in list(running.items()):
             if proc.poll() is None:
@@ -277,6 +288,8 @@ def run_parallel(commands: list[tuple], jobs: int) -> dict[str, float]:
                 tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-30:])
                 sys.exit(f"[demo] {name} failed (exit {proc.returncode}); the end of {log}:\n{tail}")
             _say(f"finished {name} in {seconds[name]:.0f} s")
+            if on_done is not None:
+                done.append(name)
     return seconds
 
 
@@ -338,9 +351,9 @@ def _max_steps(s: Student) -> int:
     return s.max_steps or _recipe(s.recipe).train.max_steps
 
 
-def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False) -> dict[str, float]:
+def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False, on_done=None) -> dict[str, float]:
     """Train every student (``rescore``: keep the finished runs already in ``p.out``), then the
-    evals and sample grids."""
+    evals and sample grids; ``on_done(name)`` after each (``run_parallel``)."""
     from .t2i import PROMPTS_FILE
 
     train_cmds = []
@@ -388,8 +401,8 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False)
             extra += ["--timesteps", ",".join(map(str, load_student(run).timesteps[:-1]))]
         if e.student.benchmark in TEXT:  # image i: prompt i mod 60, whose digit is i mod 10
             extra += ["--prompts-file", str(PROMPTS_FILE)]
-        if e.teacher is not None:
-            extra += ["--teacher", "--teacher-steps", str(e.teacher.nfe)]
+        if e.teacher is not None:  # the student's own rows are drawn by its own evals
+            extra += ["--teacher-only", "--teacher-steps", str(e.teacher.nfe)]
             if e.student.benchmark in TEXT:
                 extra += ["--teacher-cfg", str(e.teacher.cfg or teacher_cfg(e.student.benchmark))]
         return ["eval", str(run.resolve()), "--fid", "--feature-extractor", str(p.features.resolve()),
@@ -408,8 +421,7 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False)
                 "--overwrite"]
         eval_cmds.append((f"sample {_key(s)}", args, p.out / "logs" / f"sample_{s.benchmark}_{s.name}.log",
                           after(s)))
-    seconds = run_parallel(train_cmds + eval_cmds, jobs)
-    return seconds
+    return run_parallel(train_cmds + eval_cmds, jobs, on_done)
 
 
 def _check_finished(run: Path, steps: int) -> None:
@@ -438,15 +450,29 @@ def _cost(s: Student) -> float:
 # Rows from the images dmd2 eval kept
 
 
-def collect_rows(profile: Profile, p: Paths) -> tuple[list[Row], dict[str, Path], dict[str, Sampler]]:
-    """One row per sampler (digits: FID from the eval reports; digits-t2i: the images reduced to
-    8 x 8 grey and FID taken here, in the same feature space; precision, recall and label accuracy
-    from the same images), the real-vs-real floor of each benchmark; the image folder and the
-    sampler of each row (by ``Row.key``)."""
-    judge = Judge(p.features, p.data / "train")
-    rows, folders, samplers = [], {}, {}
-    n = profile.num_images
-    for e in eval_plan(profile):
+class Scorer:
+    """Each eval's row, scored as soon as its ``dmd2 eval`` finishes (``run_parallel``'s
+    ``on_done``: the parent's scoring then shares the cores with the commands still running, rather
+    than holding one of them idle at the end), then ``collect_rows`` for the table."""
+
+    def __init__(self, profile: Profile, p: Paths):
+        self.profile, self.p = profile, p
+        self.plan = {e.name: e for e in eval_plan(profile)}
+        self.scored: dict[str, tuple[Row, Path, Sampler | None]] = {}
+        self._judge = None
+
+    @property
+    def judge(self) -> Judge:
+        if self._judge is None:
+            self._judge = Judge(self.p.features, self.p.data / "train")
+        return self._judge
+
+    def __call__(self, name: str) -> None:
+        """Score eval ``name`` (other commands' names are ignored)."""
+        e = self.plan.get(name)
+        if e is None:
+            return
+        p = self.p
         report = json.loads((p.out / "eval" / f"{e.name}.json").read_text())
         fid = {m["name"]: m["value"] for m in report["metrics"]}
         base = p.out / "eval" / e.name
@@ -454,16 +480,34 @@ def collect_rows(profile: Profile, p: Paths) -> tuple[list[Row], dict[str, Path]
             folder, value, nfe, steps = base / f"teacher_{e.teacher.nfe}steps", fid["teacher/fid"], e.teacher.nfe, None
         else:
             folder, value, nfe, steps = base / "student", fid["fid"], len(report["protocol"]["timesteps"]), report["step"]
-        row, folder = judge.score(e.row, nfe, folder, value, n, e.student.benchmark, steps=steps)
-        rows.append(row)
-        folders[row.key] = folder
+        row, folder = self.judge.score(e.row, nfe, folder, value, self.profile.num_images, e.student.benchmark,
+                                       steps=steps)
+        sampler = None
         if e.teacher is not None:
             cfg = report["teacher"]["cfg_scale"] or 1.0  # the guidance it was drawn with (classcond: None)
-            samplers[row.key] = Sampler(p.teacher if e.student.benchmark == DIGITS else text_teacher(e.student.benchmark),
-                                        True, cfg)
+            sampler = Sampler(p.teacher if e.student.benchmark == DIGITS else text_teacher(e.student.benchmark), True, cfg)
         elif not e.variant:
-            samplers[row.key] = Sampler(p.runs[_key(e.student)])
-    floor = judge.floor(p.data / "heldout")
+            sampler = Sampler(p.runs[_key(e.student)])
+        self.scored[name] = (row, folder, sampler)
+
+
+def collect_rows(profile: Profile, p: Paths, scorer: Scorer | None = None
+                 ) -> tuple[list[Row], dict[str, Path], dict[str, Sampler]]:
+    """One row per sampler (digits: FID from the eval reports; digits-t2i: the images reduced to
+    8 x 8 grey and FID taken here, in the same feature space; precision, recall and label accuracy
+    from the same images), the real-vs-real floor of each benchmark; the image folder and the
+    sampler of each row (by ``Row.key``). ``scorer``: the rows it has already scored are kept."""
+    scorer = scorer or Scorer(profile, p)
+    rows, folders, samplers = [], {}, {}
+    for e in eval_plan(profile):
+        if e.name not in scorer.scored:
+            scorer(e.name)
+        row, folder, sampler = scorer.scored[e.name]
+        rows.append(row)
+        folders[row.key] = folder
+        if sampler is not None:
+            samplers[row.key] = sampler
+    floor = scorer.judge.floor(p.data / "heldout")
     for bench in dict.fromkeys(s.benchmark for s in profile.students):
         # the text benchmarks' real images are the same digits at 16 px; reduced, they are these exactly
         rows.append(replace(floor, benchmark=bench))
@@ -478,9 +522,10 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, trai
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     p = prepare(out, cache, train_teacher, t2i=any(s.benchmark in TEXT for s in profile.students))
-    seconds = train_and_eval(profile, p, jobs, rescore)
+    scorer = Scorer(profile, p)
+    seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer)
     _say("scoring the kept images and timing each sampler")
-    rows, folders, samplers = collect_rows(profile, p)
+    rows, folders, samplers = collect_rows(profile, p, scorer)
     measure_speed(rows, samplers)
     (out / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     grid = comparison_grid(rows, folders, out / "grid.png")

@@ -106,9 +106,12 @@ class Sampler:
     cfg: float = 1.0
 
 
-def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500) -> None:
+def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500, n_slow: int = 100) -> None:
     """images/s of each sampler (``samplers`` by ``Row.key``) on one core: ``n`` images in one
-    batch, after a warm-up."""
+    batch, after a warm-up; ``n_slow`` for a teacher at 50 steps or more. Why: 500 images of
+    digits-flow's teacher at 50 steps with CFG take a minute alone, and the bench's 60-minute budget
+    is tight; at 100 it measured 7.9-9.8 images/s against 7.3 at 500 (one core, run alone), so
+    those rows read up to a quarter faster than they would at 500."""
     import torch
 
     from ..generate import choose_timesteps, draw, teacher_draw
@@ -141,10 +144,11 @@ def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500) -
             def go(m, gen=gen, ts=ts, conds=conds):
                 for _ in draw(gen, conds, seeds, ts, range(m), m):
                     pass
+        m = n_slow if s.teacher and r.nfe >= 50 else n
         go(8)
         t0 = time.perf_counter()
-        go(n)
-        r.images_per_s = n / (time.perf_counter() - t0)
+        go(m)
+        r.images_per_s = m / (time.perf_counter() - t0)
 
 
 def comparison_grid(rows: list[Row], folders: dict[str, Path], path: Path, per_class: int = 2, scale: int = 4) -> Path:
