@@ -1,14 +1,17 @@
-"""SD1.5- and SDXL-architecture DMD2 iterations on one GPU: ZeRO-3, bf16, activation checkpointing.
+"""SD1.5-, SDXL-, SD3.5-Medium- and FLUX.1-dev-architecture DMD2 iterations on one GPU: ZeRO-3, bf16,
+activation checkpointing.
 
     python benchmarks/gpu.py                          # on a GPU box: < 8 minutes, runs/bench/gpu.json
-    python benchmarks/gpu.py --tiny --device cpu      # smoke run of the same code on CPU (tiny UNets)
+    python benchmarks/gpu.py --tiny --device cpu      # smoke run of the same code on CPU (tiny denoisers)
 
 For each architecture (SD1.5 at 512 px, 1-step, CFG 1.75; SDXL at 1024 px, 4-step with backward
-simulation, CFG 8; both with the GAN head), each training mode (full fine-tuning, LoRA generator,
-LoRA generator + LoRA fake score sharing the teacher's base) and optimizer state on the GPU or
+simulation, CFG 8; SD3.5-Medium at 1024 px, 4-step, CFG 4; FLUX.1-dev at 1024 px, 4-step, its
+guidance input 3.5; all with the GAN head), each training mode (full fine-tuning, LoRA generator,
+LoRA generator + LoRA fake score sharing the teacher's base; FLUX, ~12B parameters, only the last:
+two full copies with fp32 Adam state would need ~380 GB) and optimizer state on the GPU or
 offloaded to the CPU (the shipped zero3_offload template): iteration time (generator phase + critic
 phase), images/s, peak memory (torch.cuda.max_memory_allocated) and model FLOPs utilisation.
-UNets are built from their diffusers configs with random weights (nothing is downloaded); text
+Denoisers are built from their diffusers configs with random weights (nothing is downloaded); text
 encoders and VAE are left out (random embeddings and latents of the right shapes).
 
 FLOPs are counted once per configuration on the meta device (torch FlopCounterMode, in a CPU
@@ -52,18 +55,19 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def plan(args) -> list[dict]:
-    """Configurations in priority order (the LoRA goals at SD1.5 size, then SDXL fitting in 80 GB)."""
-    sd, xl = ("tiny-sd15", "tiny-sdxl") if args.tiny else ("sd15", "sdxl")
+    """Configurations in priority order (the LoRA goals at SD1.5 size, SDXL fitting in 80 GB, the
+    flow-matching transformers, then the rest)."""
+    sd, xl, s3, fx = (f"tiny-{a}" if args.tiny else a for a in ("sd15", "sdxl", "sd35", "flux"))
     out = []
     for name, mode, offload in [(sd, "full", False), (sd, "lora", False), (sd, "lora+fake", False),
                                 (sd, "encode", False), (xl, "full", False), (xl, "lora+fake", False),
+                                (s3, "full", False), (s3, "lora+fake", False), (fx, "lora+fake", False),
                                 (xl, "full", True), (xl, "encode", False), (xl, "lora", False), (sd, "full", True),
-                                (sd, "lora+fake", True), (xl, "lora+fake", True)]:
-        if name.removeprefix("tiny-") in args.models and (mode in args.modes or mode == "encode") \
-                and offload in args.offload:
-            batch = args.batch_sd15 if name.endswith("sd15") else args.batch_sdxl
-            out.append({"name": name, "mode": mode, "offload": offload, "batch": batch, "iters": args.iters,
-                        "device": args.device, "lora_rank": args.lora_rank})
+                                (sd, "lora+fake", True), (xl, "lora+fake", True), (s3, "full", True)]:
+        arch = name.removeprefix("tiny-")
+        if arch in args.models and (mode in args.modes or mode == "encode") and offload in args.offload:
+            out.append({"name": name, "mode": mode, "offload": offload, "batch": getattr(args, f"batch_{arch}"),
+                        "iters": args.iters, "device": args.device, "lora_rank": args.lora_rank})
     return out
 
 
@@ -111,7 +115,7 @@ def run_config(cfg: dict) -> dict:
     try:
         t0 = time.perf_counter()
         teacher = synthetic_teacher(cfg["name"], make_unet(cfg["name"], device=dev,
-                                                           dtype=torch.bfloat16 if bf16 else torch.float32))
+                                                           dtype=torch.bfloat16 if bf16 else torch.float32), latent)
         template = ds_template("zero3_offload" if cfg["offload"] else "zero3")
         ds = {o: engines.ds_config(template, batch_size=B, grad_clip=10.0, bf16=bf16, zero_stage=3)
               for o in ("generator", "critic")}
@@ -243,11 +247,12 @@ def summarise(configs: list[dict], device: str, peak: float | None) -> Results:
         if full and enc:  # cached: the iteration alone; encoded: plus loading and encoding the batch
             res.add(f"conditioning cache ({arch})", full["iter_s"] / (full["iter_s"] + enc["load_s"] + enc["encode_s"]),
                     "< 1", "x iteration time")
-    for c in configs:  # the whole SDXL 4-step iteration (teacher, generator, fake score, GAN head) on one GPU
-        if c["name"].endswith("sdxl") and c["mode"] != "encode" and not c["status"].startswith("skipped"):
+    for c in configs:  # the whole 4-step iteration (teacher, generator, fake score, GAN head) on one GPU
+        arch = c["name"].removeprefix("tiny-")
+        if arch != "sd15" and c["mode"] != "encode" and not c["status"].startswith("skipped"):
             what = f"{c['mode']}{', optimizer offload' if c['offload'] else ''}, batch {c['batch']}"
-            res.add(f"sdxl 4-step peak memory ({what})", c.get("peak_gb") if c["status"] == "ok" else None,
-                    "<= 80", "GB" if c["status"] == "ok" else f"GB ({c['status']})")
+            res.add(f"{arch} 4-step peak memory ({what})", c.get("peak_gb") if c["status"] == "ok" else None,
+                    "<= 80" if arch == "sdxl" else None, "GB" if c["status"] == "ok" else f"GB ({c['status']})")
     for c in configs:
         if c.get("mfu") is not None:
             res.add(f"mfu {c['name']} {c['mode']}{' offload' if c['offload'] else ''}", c["mfu"], None,
@@ -258,13 +263,15 @@ def summarise(configs: list[dict], device: str, peak: float | None) -> Results:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench/gpu.json")
-    p.add_argument("--tiny", action="store_true", help="tiny UNets of the same shapes (smoke run)")
+    p.add_argument("--tiny", action="store_true", help="tiny denoisers of the same kinds (smoke run)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--models", default="sd15,sdxl")
+    p.add_argument("--models", default="sd15,sdxl,sd35,flux")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--offload", default="off,on", help="optimizer state on the GPU (off) and/or CPU (on)")
     p.add_argument("--batch-sd15", type=int, default=8)
     p.add_argument("--batch-sdxl", type=int, default=1)
+    p.add_argument("--batch-sd35", type=int, default=1)
+    p.add_argument("--batch-flux", type=int, default=1)
     p.add_argument("--iters", type=int, default=3, help="timed iterations (at least one per k for SDXL 4-step)")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (else a table)")

@@ -1,6 +1,7 @@
 """One DMD2 iteration (generator phase, then critic phase) composed from dmd2's own pieces exactly as
 dmd2/train.py runs it, either through the two DeepSpeed engines or on plain PyTorch modules with
-torch AdamW; plus SD1.5/SDXL-architecture UNets built from config with random weights.
+torch AdamW; plus SD1.5/SDXL-architecture UNets and SD3.5-Medium/FLUX.1-dev-architecture
+transformers built from config with random weights.
 
 Shared by ``benchmarks/cpu.py`` (make bench) and ``benchmarks/gpu.py``.
 """
@@ -46,10 +47,46 @@ UNETS = {
                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
 }
-# What the shipped recipes train: pixel resolution, generator timesteps, CFG, GAN weights.
+# diffusers transformer configs of the flow-matching teachers (stabilityai/stable-diffusion-3.5-medium
+# and black-forest-labs/FLUX.1-dev transformer/config.json, keys that differ from the defaults), and
+# tiny ones of the same kind for CPU (as dmd2.tiny's). SD3.5-Medium: 24 MMDiT-X blocks, the first 13
+# with dual attention, 2.24B parameters as built here; FLUX.1-dev: 19 double- and 38 single-stream
+# blocks, 11.9B.
+TRANSFORMERS = {
+    "sd35": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")),
+    "flux": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+    "tiny-sd35": ("SD3Transformer2DModel", dict(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=80, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16, dual_attention_layers=(0, 1), qk_norm="rms_norm")),
+    "tiny-flux": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6))),
+}
+# Text tokens each transformer is called with: SD3's 77 CLIP + 256 T5 (StableDiffusion3Pipeline's
+# max_sequence_length), FLUX.1-dev's 512 T5 tokens (FluxPipeline's).
+TEXT_TOKENS = {"sd35": 77 + 256, "flux": 512}
+# Their scheduler configs: SD3.5's static shift 3.0; FLUX.1-dev's resolution-dependent shift.
+FLOW_SCHEDULERS = {
+    "sd35": dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0),
+    "flux": dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
+                 use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                 max_image_seq_len=4096),
+}
+# What the shipped recipes train: pixel resolution, generator timesteps, CFG (FLUX.1-dev: its
+# guidance input), GAN weights (recipes/sd15_1step.yaml, sdxl_4step.yaml, sd35_4step.yaml, flux_4step.yaml).
 RECIPES = {
     "sd15": dict(resolution=512, timesteps=[999], cfg=1.75, gan=(1e-3, 1e-2)),
     "sdxl": dict(resolution=1024, timesteps=[999, 749, 499, 249], cfg=8.0, gan=(5e-3, 1e-2)),
+    "sd35": dict(resolution=1024, timesteps=[999, 749, 499, 249], cfg=4.0, gan=(5e-3, 1e-2)),
+    "flux": dict(resolution=1024, timesteps=[999, 749, 499, 249], cfg=3.5, gan=(5e-3, 1e-2)),
 }
 
 
@@ -84,44 +121,70 @@ def make_encoders(name: str, device="cpu"):
 
 
 def family_of(name: str) -> str:
-    return "sdxl" if name.endswith("sdxl") else "sd15"
+    """The recipe family of architecture ``name``: sd15, sdxl, sd35 or flux."""
+    return next((f for f in ("sdxl", "sd35", "flux") if name.endswith(f)), "sd15")
 
 
 def recipe_of(name: str) -> dict:
     if name in RECIPES:
         return RECIPES[name]
     base = RECIPES[family_of(name)]
-    return {**base, "resolution": UNETS[name]["sample_size"] * 8}
+    # tiny ones: the resolution whose latents (pixels / 8) are the tiny denoiser's own size
+    size = UNETS[name]["sample_size"] if name in UNETS else TRANSFORMERS[name][1].get("sample_size", 8)
+    return {**base, "resolution": size * 8}
 
 
 def make_unet(name: str, device="cpu", dtype=torch.float32, seed: int = 0):
-    """A UNet of architecture ``name`` with random weights (nothing is downloaded)."""
+    """A denoiser of architecture ``name`` (a UNet, or SD3/FLUX's transformer) with random weights
+    (nothing is downloaded)."""
     import diffusers
-    from diffusers import UNet2DConditionModel
 
     diffusers.utils.logging.set_verbosity_error()
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**UNETS[name])
-    return unet.to(dtype).requires_grad_(False).eval()
+        if name in TRANSFORMERS:
+            cls, config = TRANSFORMERS[name]
+            net = getattr(diffusers, cls)(**config)
+        else:
+            net = diffusers.UNet2DConditionModel(**UNETS[name])
+    return net.to(dtype).requires_grad_(False).eval()
 
 
-def synthetic_teacher(name: str, unet):
-    """A dmd2 Teacher around ``unet``: SD noise schedule; text encoders and VAE are left out (the
-    batch holds random embeddings and latents of the right shapes)."""
+def synthetic_teacher(name: str, unet, latent: int | None = None):
+    """A dmd2 Teacher around ``unet``: SD's noise schedule, or SD3.5's / FLUX.1-dev's flow schedule
+    (FLUX's shifted for ``latent``, its latent size); text encoders and VAE are left out (the batch
+    holds random embeddings and latents of the right shapes, so the teacher's "pixels" are latents)."""
     from dmd2.models import Teacher
-    from dmd2.schedule import DDPMSchedule
+    from dmd2.schedule import DDPMSchedule, FlowSchedule
 
-    return Teacher(f"random:{name}", family_of(name), unet, DDPMSchedule.scaled_linear(), {})
+    family = family_of(name)
+    if family not in FLOW_SCHEDULERS:
+        return Teacher(f"random:{name}", family, unet, DDPMSchedule.scaled_linear(), {})
+    latent = latent or recipe_of(name)["resolution"] // 8
+    cfg = FLOW_SCHEDULERS[family]
+    tokens = (latent // (2 if family == "flux" else int(unet.config.patch_size))) ** 2
+    return Teacher(f"random:{name}", "sd3" if family == "sd35" else "flux", unet,
+                   FlowSchedule.from_scheduler_config(cfg, image_seq_len=tokens), dict(cfg), given_resolution=latent)
 
 
 def random_batch(name: str, batch: int, latent: int, device, seed: int = 0, gan: bool = True):
     """Conditioning (and real latents for the GAN) of the right shapes for architecture ``name``."""
     from dmd2.data import Batch
 
-    cfg = UNETS[name]
     g = torch.Generator().manual_seed(seed)
     res = latent * 8
+    if name in TRANSFORMERS:
+        cfg = TRANSFORMERS[name][1]
+        tokens = TEXT_TOKENS[family_of(name)] if not name.startswith("tiny") else 16
+
+        def text(b):
+            c = {"encoder_hidden_states": torch.randn(b, tokens, cfg["joint_attention_dim"], generator=g),
+                 "pooled_projections": torch.randn(b, cfg["pooled_projection_dim"], generator=g)}
+            return {k: v.to(device) for k, v in c.items()}
+
+        real = torch.randn(batch, 16, latent, latent, generator=g).to(device) if gan else None
+        return Batch(text(batch), text(batch), real, text(batch) if gan else None)
+    cfg = UNETS[name]
 
     def text(b):
         c = {"encoder_hidden_states": torch.randn(b, 77, cfg["cross_attention_dim"], generator=g)}
@@ -174,7 +237,7 @@ class Rig:
         # a teacher without a VAE has latent == pixel size
         res = latent * teacher.vae_scale_factor
         gen, critic = build_roles(teacher, lora=lora, gan=loss_cfg.gan.enabled, resolution=res, seed=0,
-                                  gradient_checkpointing=gradient_checkpointing)
+                                  gradient_checkpointing=gradient_checkpointing, cfg_scale=loss_cfg.cfg_scale)
         optim = OptimizerConfig(lr=lr)
         self.engines = ds is not None
         if self.engines:
@@ -232,7 +295,7 @@ def model_flops(name: str, *, lora_mode: str, batch_size: int, latent: int, time
     without activation-checkpoint recomputation (model FLOPs, as MFU counts them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    teacher = synthetic_teacher(name, make_unet(name, device="meta"))
+    teacher = synthetic_teacher(name, make_unet(name, device="meta"), latent)
     with torch.device("meta"):
         rig = Rig(teacher, latent=latent, batch_size=batch_size, timesteps=timesteps, loss_cfg=loss_cfg,
                   lora=lora_config(lora_mode, lora_rank), gradient_checkpointing=False, device="meta")
