@@ -22,7 +22,7 @@ Three benchmarks, one report (rows carry ``benchmark``):
    ``runs/digits/``, keyed by a hash of its settings) and the label classifier.
 2. ``dmd2 train`` for each student recipe, the same command and code path as SDXL; two runs at a
    time (one per core), the longest first.
-3. ``dmd2 eval --fid [--teacher]`` per row, which keeps its images: each student at all its
+3. ``dmd2 eval --fid [--teacher-only]`` per row, which keeps its images: each student at all its
    timesteps, multi-step ones also at all but the last (``_first3``) and at their checkpoint a
    quarter of the way (``_quarter``); each teacher row (``--teacher-only``) from the run folder
    of a student of its benchmark. Precision/recall and label accuracy are computed here from those
