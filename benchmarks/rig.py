@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from dmd2.tiny import FLUX_DEV_SCHEDULER, SD3_SCHEDULER, TINY_FLUX_TRANSFORMER, TINY_SD3_TRANSFORMER
+
 REPO = Path(__file__).resolve().parent.parent
 
 # diffusers UNet2DConditionModel configs (runwayml SD1.5 and SDXL base 1.0 unet/config.json, keys
@@ -61,25 +63,17 @@ TRANSFORMERS = {
         patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56))),
-    "tiny-sd35": ("SD3Transformer2DModel", dict(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=80, caption_projection_dim=32, pooled_projection_dim=64,
-        pos_embed_max_size=16, dual_attention_layers=(0, 1), qk_norm="rms_norm")),
-    "tiny-flux": ("FluxTransformer2DModel", dict(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6))),
+    # dmd2.tiny's, with SD3.5's dual attention and qk norm; FLUX.1-dev-like (guidance input)
+    "tiny-sd35": ("SD3Transformer2DModel", {**TINY_SD3_TRANSFORMER, "dual_attention_layers": (0, 1),
+                                            "qk_norm": "rms_norm"}),
+    "tiny-flux": ("FluxTransformer2DModel", {**TINY_FLUX_TRANSFORMER, "guidance_embeds": True}),
 }
 # Text tokens each transformer is called with: SD3's 77 CLIP + 256 T5 (StableDiffusion3Pipeline's
 # max_sequence_length), FLUX.1-dev's 512 T5 tokens (FluxPipeline's).
 TEXT_TOKENS = {"sd35": 77 + 256, "flux": 512}
 # Their scheduler configs: SD3.5's static shift 3.0; FLUX.1-dev's resolution-dependent shift.
-FLOW_SCHEDULERS = {
-    "sd35": dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0),
-    "flux": dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,
-                 use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                 max_image_seq_len=4096),
-}
+FLOW_SCHEDULERS = {"sd35": {"_class_name": "FlowMatchEulerDiscreteScheduler", **SD3_SCHEDULER},
+                   "flux": {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_DEV_SCHEDULER}}
 # What the shipped recipes train: pixel resolution, generator timesteps, CFG (FLUX.1-dev: its
 # guidance input), GAN weights (recipes/sd15_1step.yaml, sdxl_4step.yaml, sd35_4step.yaml, flux_4step.yaml).
 RECIPES = {
@@ -155,16 +149,17 @@ def synthetic_teacher(name: str, unet, latent: int | None = None):
     (FLUX's shifted for ``latent``, its latent size); text encoders and VAE are left out (the batch
     holds random embeddings and latents of the right shapes, so the teacher's "pixels" are latents)."""
     from dmd2.models import Teacher
-    from dmd2.schedule import DDPMSchedule, FlowSchedule
+    from dmd2.models.loader import _schedule_from_config
+    from dmd2.schedule import DDPMSchedule
 
     family = family_of(name)
     if family not in FLOW_SCHEDULERS:
         return Teacher(f"random:{name}", family, unet, DDPMSchedule.scaled_linear(), {})
-    latent = latent or recipe_of(name)["resolution"] // 8
-    cfg = FLOW_SCHEDULERS[family]
-    tokens = (latent // (2 if family == "flux" else int(unet.config.patch_size))) ** 2
-    return Teacher(f"random:{name}", "sd3" if family == "sd35" else "flux", unet,
-                   FlowSchedule.from_scheduler_config(cfg, image_seq_len=tokens), dict(cfg), given_resolution=latent)
+    teacher = Teacher(f"random:{name}", "sd3" if family == "sd35" else "flux", unet, None,
+                      dict(FLOW_SCHEDULERS[family]), given_resolution=latent or recipe_of(name)["resolution"] // 8)
+    # as the loader does: the schedule after the teacher, whose resolution a dynamic shift reads
+    teacher.schedule = _schedule_from_config(teacher.scheduler_config, teacher.source, teacher)
+    return teacher
 
 
 def random_batch(name: str, batch: int, latent: int, device, seed: int = 0, gan: bool = True):
@@ -182,7 +177,8 @@ def random_batch(name: str, batch: int, latent: int, device, seed: int = 0, gan:
                  "pooled_projections": torch.randn(b, cfg["pooled_projection_dim"], generator=g)}
             return {k: v.to(device) for k, v in c.items()}
 
-        real = torch.randn(batch, 16, latent, latent, generator=g).to(device) if gan else None
+        channels = cfg["in_channels"] // (4 if family_of(name) == "flux" else 1)  # FLUX's are packed 2x2
+        real = torch.randn(batch, channels, latent, latent, generator=g).to(device) if gan else None
         return Batch(text(batch), text(batch), real, text(batch) if gan else None)
     cfg = UNETS[name]
 

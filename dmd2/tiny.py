@@ -333,26 +333,48 @@ def make_tiny_t5_tokenizer():
     return tok
 
 
+# The tiny SD3 and FLUX teachers' transformers and schedulers (benchmarks/rig.py builds the same).
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=4,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    # the T5 width: above the two CLIPs' 32 + 32, so the CLIP states are really zero-padded (as 2048 -> 4096)
+    joint_attention_dim=80,
+    caption_projection_dim=32,  # = heads x head dim: the context stream's width
+    pooled_projection_dim=64,  # the two CLIP pooled projections
+    pos_embed_max_size=16,  # patches: latents up to 32x32 (128 px)
+)
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels packed 2x2 (FluxPipeline._pack_latents)
+    num_layers=2,  # double-stream (MMDiT) blocks
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=48,  # the T5 width
+    pooled_projection_dim=32,  # the CLIP's hidden size: FluxPipeline conditions on its pooler_output
+    axes_dims_rope=(4, 6, 6),  # RoPE over (text/image index, row, column); sums to the head dim
+)
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # SD3's FlowMatchEulerDiscreteScheduler
+# The scheduler configs FLUX.1-schnell and FLUX.1-dev ship: schnell a static shift of 1.0, dev the
+# resolution-dependent shift (mu from the image token count; its shift 3.0 is then unused)
+_FLUX_SHIFT = dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+FLUX_SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, **_FLUX_SHIFT)
+FLUX_DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, **_FLUX_SHIFT)
+
+
 def _make_sd3(out: Path, seed: int) -> None:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    t5_width = 80  # above the two CLIPs' 32 + 32, so the CLIP states are really zero-padded (as 2048 -> 4096)
+    t5_width = TINY_SD3_TRANSFORMER["joint_attention_dim"]
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=4,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=t5_width,
-        caption_projection_dim=32,  # = heads x head dim: the context stream's width
-        pooled_projection_dim=64,  # the two CLIP pooled projections
-        pos_embed_max_size=16,  # patches: latents up to 32x32 (128 px)
-    )
+    transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER)
     # SD3's VAE: 16 latent channels, scaling and shift factors, no quant convs
     vae = _tiny_vae(seed, scaling_factor=1.5305, force_upcast=False, latent_channels=16, shift_factor=0.0609,
                     use_quant_conv=False, use_post_quant_conv=False)
@@ -369,7 +391,7 @@ def _make_sd3(out: Path, seed: int) -> None:
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
         pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=0,
     ))
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's
+    scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer,
@@ -384,20 +406,9 @@ def _make_flux(out: Path, seed: int, schnell: bool) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    t5_width = 48
+    t5_width = TINY_FLUX_TRANSFORMER["joint_attention_dim"]
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,  # 16 latent channels packed 2x2 (FluxPipeline._pack_latents)
-        num_layers=2,  # double-stream (MMDiT) blocks
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=t5_width,
-        pooled_projection_dim=32,  # the CLIP's hidden size: FluxPipeline conditions on its pooler_output
-        guidance_embeds=not schnell,
-        axes_dims_rope=(4, 6, 6),  # RoPE over (text/image index, row, column); sums to the head dim
-    )
+    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER, guidance_embeds=not schnell)
     # FLUX.1's VAE: 16 latent channels, its scaling and shift factors, no quant convs
     vae = _tiny_vae(seed, scaling_factor=0.3611, force_upcast=False, latent_channels=16, shift_factor=0.1159,
                     use_quant_conv=False, use_post_quant_conv=False)
@@ -411,12 +422,7 @@ def _make_flux(out: Path, seed: int, schnell: bool) -> None:
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
         pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0,
     ))
-    # The scheduler configs FLUX.1-schnell and FLUX.1-dev ship: schnell a static shift of 1.0, dev the
-    # resolution-dependent shift (mu from the image token count; its shift 3.0 is then unused)
-    shift = dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    scheduler = (FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, **shift)
-                 if schnell else
-                 FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, **shift))
+    scheduler = FlowMatchEulerDiscreteScheduler(**(FLUX_SCHNELL_SCHEDULER if schnell else FLUX_DEV_SCHEDULER))
     pipe = FluxPipeline(
         transformer=transformer, scheduler=scheduler, vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,7 @@ def test_demo_t2i_student_beats_the_cfg_teacher_at_one_call(tmp_path):
     assert (out / "samples" / "digits-t2i_student_1step" / "grid.png").is_file()
 
 
-def test_run_parallel_hands_each_finished_command_to_on_done_and_stops_on_its_error(tmp_path):
+def test_run_parallel_hands_each_finished_command_to_on_done_and_stops_on_its_error(tmp_path, monkeypatch):
     """The demo scores each eval in the parent as it finishes: in finishing order, after the next
     commands have started; an error there stops the commands still running and is raised."""
     from dmd2.digits.demo import run_parallel
@@ -153,8 +154,17 @@ def test_run_parallel_hands_each_finished_command_to_on_done_and_stops_on_its_er
     def fail(name):
         raise RuntimeError(f"scoring {name} failed")
 
+    started, popen = {}, subprocess.Popen
+
+    def record(cmd, **kw):  # the commands run_parallel starts, to see what became of them
+        proc = started[len(started)] = popen(cmd, **kw)
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", record)
     with pytest.raises(RuntimeError, match="scoring a failed"):
-        run_parallel([cmd("a"), ("slow", ["train", "--help"], tmp_path / "slow.log", "a")], jobs=2, on_done=fail)
+        run_parallel([cmd("a"), cmd("b", after="a")], jobs=2, on_done=fail)
+    # "b" started just before a's scoring failed, and was stopped (SIGTERM) rather than left running
+    assert len(started) == 2 and started[1].wait(timeout=30) == -signal.SIGTERM
 
 
 def test_missing_digits_folder_names_the_command_that_builds_it(tmp_path, monkeypatch):

@@ -491,18 +491,17 @@ class Scorer:
         self.scored[name] = (row, folder, sampler)
 
 
-def collect_rows(profile: Profile, p: Paths, scorer: Scorer | None = None
-                 ) -> tuple[list[Row], dict[str, Path], dict[str, Sampler]]:
+def collect_rows(scorer: Scorer) -> tuple[list[Row], dict[str, Path], dict[str, Sampler]]:
     """One row per sampler (digits: FID from the eval reports; digits-t2i: the images reduced to
     8 x 8 grey and FID taken here, in the same feature space; precision, recall and label accuracy
     from the same images), the real-vs-real floor of each benchmark; the image folder and the
-    sampler of each row (by ``Row.key``). ``scorer``: the rows it has already scored are kept."""
-    scorer = scorer or Scorer(profile, p)
+    sampler of each row (by ``Row.key``). The rows ``scorer`` has already scored are kept."""
+    profile, p = scorer.profile, scorer.p
     rows, folders, samplers = [], {}, {}
-    for e in eval_plan(profile):
-        if e.name not in scorer.scored:
-            scorer(e.name)
-        row, folder, sampler = scorer.scored[e.name]
+    for name in scorer.plan:
+        if name not in scorer.scored:
+            scorer(name)
+        row, folder, sampler = scorer.scored[name]
         rows.append(row)
         folders[row.key] = folder
         if sampler is not None:
@@ -525,7 +524,7 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, trai
     scorer = Scorer(profile, p)
     seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer)
     _say("scoring the kept images and timing each sampler")
-    rows, folders, samplers = collect_rows(profile, p, scorer)
+    rows, folders, samplers = collect_rows(scorer)
     measure_speed(rows, samplers)
     (out / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     grid = comparison_grid(rows, folders, out / "grid.png")
