@@ -137,7 +137,7 @@ PROFILES = {
         Student("student_4step", "recipes/digits_4step.yaml", DIGITS, 2000, quarter=True, first=True),
         # digits-t2i's 1-step students at twice the recipe's rates: over 1000 steps the cold one gave
         # FID 3.95 at n=2000 against 5.34 at the recipe's rates, as good as 2000 steps at those
-        # (3.82) in half the time (README, "Missed targets").
+        # (3.82) in half the time (README, "digits-t2i's 1-step students at twice the rates").
         Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 1000, _T2I_1STEP_RATES),
         Student("student_4step", "recipes/digits_t2i_4step.yaml", T2I, 1000, quarter=True, first=True),
         # the authors' 1-step SDXL warm start: ODE pairs, the regression stage, then DMD2 from it
