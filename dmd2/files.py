@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -49,6 +52,37 @@ def writer_tag() -> str:
     import socket
 
     return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def publish_folder(out: Path, stamp: str, key: dict, build: Callable[[Path], None]) -> Path:
+    """``out`` with ``build(folder)``'s files and ``out/stamp`` holding ``key``; kept as it is when
+    its stamp already holds ``key``. Built in a folder of this process's own (``writer_tag``) and
+    renamed into place, so two processes preparing the same cache at once (two experiments started
+    together) never write into, or delete, each other's half-written folder: the first to finish
+    wins and the other's identical copy is dropped. A folder without the stamp (half-written by a
+    killed process, or another key) is replaced."""
+    out = Path(out)
+
+    def current() -> bool:
+        f = out / stamp
+        return f.is_file() and json.loads(f.read_text()) == key
+
+    if current():
+        return out
+    tmp = out.with_name(f"{out.name}.tmp.{writer_tag()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    (tmp / stamp).write_text(json.dumps(key))
+    if not current():
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process's complete copy landed between the two lines above
+            if not current():
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def sidecar(shard: Path) -> Path:

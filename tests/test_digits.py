@@ -42,6 +42,38 @@ def test_split_is_stratified_seeded_and_readable_by_the_trainer(tmp_path):
     assert write_digits(tmp_path / "digits", Split()) == root  # kept when the split is unchanged
 
 
+def test_digits_cache_survives_two_writers_and_a_half_written_folder(tmp_path):
+    """Two experiments started together prepare the same data cache: each builds in a folder of its
+    own and renames it into place, so neither deletes or writes into the other's half-written
+    folder (before, one rmtree'd the other's, which then crashed or was read half-written)."""
+    import time
+
+    out = tmp_path / "digits"
+    code = f"from dmd2.digits.data import write_digits; write_digits({str(out)!r})"
+
+    def start():
+        return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+
+    def complete():
+        return len(read_class_folders(out / "train")[0]) == 1437 and len(read_class_folders(out / "heldout")[0]) == 360
+
+    first = start()
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.iterdir()) and time.monotonic() < deadline:  # the first has begun writing
+        time.sleep(0.01)
+    second = start()
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert complete()  # what the first writer returned is whole while the second still writes
+    assert second.wait(timeout=300) == 0, second.stderr.read()[-2000:]
+    assert complete()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]  # no temp folder left behind
+
+    (out / "split.json").unlink()  # as a writer killed before its stamp leaves it
+    (out / "train" / "1" / "stale.png").write_bytes(b"half")
+    write_digits(out)
+    assert not (out / "train" / "1" / "stale.png").exists() and (out / "split.json").is_file()
+
+
 def test_teacher_loss_uses_the_trainer_edm_preconditioning():
     """edm_loss (continuous sigma) is EDM eq. 8 with the Denoiser's c_skip/c_out/c_in/c_noise on the grid."""
     from dmd2.models import Denoiser

@@ -8,8 +8,6 @@ split. The teacher and the GAN see only ``train``; ``heldout`` gives the real-vs
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,16 +60,13 @@ def read_class_folders(root: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def write_digits(out: str | Path, split: Split = Split()) -> Path:
     """Write ``out/train`` and ``out/heldout`` (kept if ``out/split.json`` already matches)."""
-    out = Path(out)
-    stamp = out / "split.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == asdict(split):
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    for name, (images, labels) in load_split(split).items():
-        write_class_folders(images, labels, out / name)
-    stamp.write_text(json.dumps(asdict(split)))  # last: a half-written folder is rewritten
-    return out
+    from ..files import publish_folder
+
+    def build(folder: Path) -> None:
+        for name, (images, labels) in load_split(split).items():
+            write_class_folders(images, labels, folder / name)
+
+    return publish_folder(Path(out), "split.json", asdict(split), build)
 
 
 def build_command(path: str | Path) -> str | None:

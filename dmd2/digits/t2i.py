@@ -161,24 +161,21 @@ def write_captioned_digits(out: str | Path, split: Split = Split(), seed: int = 
     ``data.real_images`` reads for text teachers. Kept if ``out/stamp.json`` already matches."""
     from PIL import Image
 
-    out = Path(out)
+    from ..files import publish_folder
+
     key = {"split": asdict(split), "seed": seed, "templates": list(TEMPLATES), "size": IMAGE_SIZE}
-    stamp = out / "stamp.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == key:
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    images, labels = load_split(split)["train"]
-    templates = np.random.default_rng(seed).integers(0, len(TEMPLATES), len(images))
-    lines = []
-    for i, (img, y, t) in enumerate(zip(upscale(images), labels, templates, strict=True)):
-        name = f"{i:05d}.png"
-        Image.fromarray(img).save(out / name)
-        lines.append(json.dumps({"file_name": name, "text": caption(int(t), int(y))}))
-    (out / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    stamp.write_text(json.dumps(key))  # last: a half-written folder is rewritten
-    return out
+
+    def build(folder: Path) -> None:
+        images, labels = load_split(split)["train"]
+        templates = np.random.default_rng(seed).integers(0, len(TEMPLATES), len(images))
+        lines = []
+        for i, (img, y, t) in enumerate(zip(upscale(images), labels, templates, strict=True)):
+            name = f"{i:05d}.png"
+            Image.fromarray(img).save(folder / name)
+            lines.append(json.dumps({"file_name": name, "text": caption(int(t), int(y))}))
+        (folder / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    return publish_folder(Path(out), "stamp.json", key, build)
 
 
 # ---------------------------------------------------------------------------------------------
