@@ -71,17 +71,19 @@ def publish_folder(out: Path, stamp: str, key: dict, build: Callable[[Path], Non
         return out
     tmp = out.with_name(f"{out.name}.tmp.{writer_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    (tmp / stamp).write_text(json.dumps(key))
-    if not current():
-        shutil.rmtree(out, ignore_errors=True)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process's complete copy landed between the two lines above
-            if not current():
-                raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # as convert_edm's output: whole or not at all, and a failed build leaves no temp folder
+        tmp.mkdir(parents=True)
+        build(tmp)
+        (tmp / stamp).write_text(json.dumps(key))
+        if not current():
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                os.rename(tmp, out)
+            except OSError:  # another process's complete copy landed between the two lines above
+                if not current():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,6 @@ def test_digits_cache_survives_two_writers_and_a_half_written_folder(tmp_path):
     """Two experiments started together prepare the same data cache: each builds in a folder of its
     own and renames it into place, so neither deletes or writes into the other's half-written
     folder (before, one rmtree'd the other's, which then crashed or was read half-written)."""
-    import time
-
     out = tmp_path / "digits"
     code = f"from dmd2.digits.data import write_digits; write_digits({str(out)!r})"
 
