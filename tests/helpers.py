@@ -27,8 +27,8 @@ def cli_cmd(*args, ranks=1) -> list[str]:
     if ranks == 1:
         return [sys.executable, "-m", "dmd2", *map(str, args)]
     launcher = Path(sys.executable).parent / "deepspeed"
-    port = 29500 + (os.getpid() * 7 + len(args)) % 2000
-    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), "--module", "dmd2", *map(str, args)]
+    # a port free now, not one derived from the pid: pytest-xdist runs two suites' launchers at once
+    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "dmd2", *map(str, args)]
 
 
 def run_cli(*args, ranks=1, timeout=600, fault=None, **env):

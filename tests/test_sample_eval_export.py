@@ -7,7 +7,6 @@ which leaves the PNGs identical in practice (asserted: off by at most 1 of 255).
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import cli_env, cli_error
+from helpers import cli_env, cli_error, free_port
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +30,7 @@ def run_cli(*args, ranks=1, timeout=600):
         cmd = [sys.executable, "-m", "dmd2", *map(str, args)]
     else:
         launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(29500 + (os.getpid() + 500) % 1000),
+        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                "--module", "dmd2", *map(str, args)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
