@@ -25,8 +25,11 @@ install:
 	rm -f $(STAMP)
 	$(MAKE) $(STAMP)
 
+# Two pytest-xdist workers: the suite's tests are mostly one-core subprocesses, so two at once
+# use both of CI's 2 cores (README "Set up and test"). TEST_WORKERS=0 runs them one at a time.
+TEST_WORKERS ?= 2
 test: $(PY)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-all: $(PY)
 	$(PY) -m pytest -q -m ""
