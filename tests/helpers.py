@@ -27,7 +27,7 @@ def cli_cmd(*args, ranks=1) -> list[str]:
     if ranks == 1:
         return [sys.executable, "-m", "dmd2", *map(str, args)]
     launcher = Path(sys.executable).parent / "deepspeed"
-    # a port free now, not one derived from the pid: pytest-xdist runs two suites' launchers at once
+    # a port free now, not one derived from the pid: two pytest-xdist workers start launchers at once
     return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "dmd2", *map(str, args)]
 
 
