@@ -217,3 +217,16 @@ def test_missing_digits_folder_names_the_command_that_builds_it(tmp_path, monkey
     # other missing folders get no digits hint, but where to read about the real data
     with pytest.raises(UserError, match=r"is not a folder; docs/data.md says how to make COCO-2014 prompts"):
         RealImages(tmp_path / "photos", 8, labelled=True, num_classes=10)
+
+
+def test_demo_and_bench_check_their_wall_time_budget():
+    """make demo's 10 minutes and make bench-quality's 60 are targets like the FIDs: over budget is
+    a miss (exit 1); a rescore or one benchmark's rows (--only) is not the whole run and has none."""
+    from dmd2.digits.demo import PROFILES
+    from dmd2.digits.report import check_targets
+
+    assert PROFILES["demo"].budget_s == 600 and PROFILES["bench"].budget_s == 3600
+    assert check_targets([], "bench", 3700.0, 3600) == [("wall time 61.7 min <= 60 min", False)]
+    assert check_targets([], "bench", 3500.0, 3600) == [("wall time 58.3 min <= 60 min", True)]
+    assert check_targets([], "demo", 700.0, 600) == [("wall time 11.7 min <= 10 min", False)]
+    assert check_targets([], "bench", None, 3600) == [] and check_targets([], "bench", 3700.0, None) == []
