@@ -230,3 +230,41 @@ def test_demo_and_bench_check_their_wall_time_budget():
     assert check_targets([], "bench", 3500.0, 3600) == [("wall time 58.3 min <= 60 min", True)]
     assert check_targets([], "demo", 700.0, 600) == [("wall time 11.7 min <= 10 min", False)]
     assert check_targets([], "bench", None, 3600) == [] and check_targets([], "bench", 3700.0, None) == []
+
+
+def test_prepare_publishes_the_teacher_and_feature_extractor_caches_whole(tmp_path, monkeypatch):
+    """demo.prepare's retrained teacher (--train-teacher) and feature extractor are built in a
+    folder of the writer's own and renamed into place with a stamp (files.publish_folder): a
+    folder a killed run left half-written is rebuilt, a finished one is kept, and an old teacher
+    cache whose record matches is not retrained. (Before, both wrote to a fixed .tmp name, which
+    two demos preparing at once shared.)"""
+    import dmd2.digits.teacher as teacher_mod
+    from dmd2.digits import demo
+
+    built = []
+
+    def fake_features(train, heldout, out, epochs, seed):
+        built.append("features")
+        torch.save({}, out)
+        out.with_suffix(".json").write_text(json.dumps({"heldout_accuracy": 0.99, "feature_dim": 4}))
+        return out
+
+    def fake_teacher(out, s):
+        built.append("teacher")
+        (out / "digits_teacher.json").write_text(json.dumps({"settings": "written by train_teacher"}))
+        return out
+
+    monkeypatch.setattr(classifiers, "train_feature_extractor", fake_features)
+    monkeypatch.setattr(teacher_mod, "train_teacher", fake_teacher)
+    cache = tmp_path / "cache"
+    p = demo.prepare(tmp_path / "out", cache, train_teacher=True)
+    assert built == ["teacher", "features"] and p.features.is_file() and p.teacher.is_dir()
+    assert sorted(x.name for x in cache.iterdir()) == sorted(["data", p.teacher.name, p.features.parent.name])
+    demo.prepare(tmp_path / "out", cache, train_teacher=True)
+    assert built == ["teacher", "features"]  # both kept
+    (p.features.parent / "settings.json").unlink()  # as a run killed before its stamp leaves it
+    (p.teacher / "digits_teacher.json").write_text(json.dumps(json.loads((p.teacher / "digits_teacher.json")
+                                                                         .read_text()), indent=1))
+    demo.prepare(tmp_path / "out", cache, train_teacher=True)
+    # the features are rebuilt; the teacher whose record matches (as train_teacher writes it, indented) is kept
+    assert built == ["teacher", "features", "features"]

@@ -188,6 +188,7 @@ def _digest(settings: dict) -> str:
 def prepare(out: Path, cache: Path, train_teacher: bool, t2i: bool = False) -> Paths:
     import numpy as np
 
+    from ..files import publish_folder
     from . import classifiers
     from .data import read_class_folders
 
@@ -198,22 +199,29 @@ def prepare(out: Path, cache: Path, train_teacher: bool, t2i: bool = False) -> P
 
         s = TeacherSettings()
         teacher = cache / f"teacher-{s.digest()}"
-        if not (teacher / "digits_teacher.json").is_file():
+        # the record train_teacher writes last (digits_teacher.json) is the folder's stamp: a
+        # finished teacher is kept; publish_folder builds in a folder of this process's own, so
+        # two demos training it at once never rename each other's half-written copy into place
+        stamp = json.loads(json.dumps({"settings": asdict(s), "digest": s.digest(),
+                                       "made_by": "python -m dmd2.digits.teacher"}))
+
+        def build(folder: Path) -> None:
             _say(f"training the teacher into {teacher} (dmd2.digits.teacher, ~15 min on one idle core)")
-            run_teacher(teacher.with_name(teacher.name + ".tmp"), s)
-            shutil.rmtree(teacher, ignore_errors=True)
-            teacher.with_name(teacher.name + ".tmp").rename(teacher)
+            run_teacher(folder, s)
+
+        publish_folder(teacher, "digits_teacher.json", stamp, build)
     else:
         teacher = CHECKED_IN_TEACHER
     settings = {"split": asdict(Split()), "version": CLASSIFIER_VERSION, "epochs": 40, "seed": 0}
     features = cache / f"features-{_digest(settings)}" / "features.pt"
-    if not features.is_file():
+
+    def build_features(folder: Path) -> None:
         _say("training the feature extractor on the training split (~20 s)")
         train, heldout = read_class_folders(data / "train"), read_class_folders(data / "heldout")
-        tmp = classifiers.train_feature_extractor(train, heldout, features.with_name("features.tmp.pt"),
-                                                  epochs=settings["epochs"], seed=settings["seed"])
-        tmp.with_suffix(".json").replace(features.with_suffix(".json"))
-        tmp.replace(features)
+        classifiers.train_feature_extractor(train, heldout, folder / features.name,
+                                            epochs=settings["epochs"], seed=settings["seed"])
+
+    publish_folder(features.parent, "settings.json", json.loads(json.dumps(settings)), build_features)
     acc = json.loads(features.with_suffix(".json").read_text())["heldout_accuracy"]
     _say(f"data {data} | teacher {teacher} | feature extractor {features} (held-out accuracy {acc:.3f})")
     np.seterr(all="ignore")
