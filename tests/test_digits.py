@@ -268,3 +268,15 @@ def test_prepare_publishes_the_teacher_and_feature_extractor_caches_whole(tmp_pa
     demo.prepare(tmp_path / "out", cache, train_teacher=True)
     # the features are rebuilt; the teacher whose record matches (as train_teacher writes it, indented) is kept
     assert built == ["teacher", "features", "features"]
+
+
+def test_bench_starts_its_longest_evals_first():
+    """The evals are ordered longest first, as the trainings: the 50-step teachers with CFG (two
+    calls a step) before the students' few calls, so none of them runs alone at the end."""
+    from dmd2.digits.demo import PROFILES, _eval_cost, eval_plan
+
+    plan = sorted(eval_plan(PROFILES["bench"]), key=_eval_cost, reverse=True)
+    first = [(e.student.benchmark, e.row, e.teacher.nfe if e.teacher else None) for e in plan[:3]]
+    assert first == [("digits-flow", "teacher_cfg", 50), ("digits-t2i", "teacher_cfg", 50),
+                     ("digits-flow", "teacher_nocfg", 50)], first
+    assert all(e.teacher is None or e.teacher.nfe <= 4 for e in plan[6:])

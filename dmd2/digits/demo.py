@@ -22,7 +22,7 @@ Three benchmarks, one report (rows carry ``benchmark``):
    ``runs/digits/``, keyed by a hash of its settings) and the label classifier.
 2. ``dmd2 train`` for each student recipe, the same command and code path as SDXL; two runs at a
    time (one per core), the longest first.
-3. ``dmd2 eval --fid [--teacher-only]`` per row, which keeps its images: each student at all its
+3. ``dmd2 eval --fid [--teacher-only]`` per row (the longest first), which keeps its images: each student at all its
    timesteps, multi-step ones also at all but the last (``_first3``) and at their checkpoint a
    quarter of the way (``_quarter``); each teacher row (``--teacher-only``) from the run folder
    of a student of its benchmark. Precision/recall and label accuracy are computed here from those
@@ -427,8 +427,10 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
                 "--out", str((p.out / "eval" / f"{e.name}.json").resolve()), *extra]
 
     after = (lambda s: None) if rescore else (lambda s: f"train {_key(s)}")
+    # the longest first, as the trainings: a 50-step teacher row started last ran alone for 6
+    # minutes at the end of the bench while the other core idled (README, make bench-quality)
     eval_cmds = [(e.name, lambda e=e: eval_args(e), p.out / "logs" / f"eval_{e.name}.log", after(e.student))
-                 for e in eval_plan(profile)]
+                 for e in sorted(eval_plan(profile), key=_eval_cost, reverse=True)]
     for s in profile.students:
         cond = ["--labels", "all"] if s.benchmark == DIGITS else ["--prompts-file", str(PROMPTS_FILE)]
         args = ["sample", str(p.runs[_key(s)].resolve()), *cond, "--num-images", str(profile.grid_images),
@@ -455,10 +457,25 @@ def _cost(s: Student) -> float:
     r = _recipe(s.recipe)
     batch = next((int(o.split("=")[1]) for o in s.overrides if o.startswith("train.batch_size=")), r.train.batch_size)
     multi = r.generator.num_steps > 1
-    per_step = {T2I: 0.7 + 0.2 * multi, FLOW: 1.4 + 0.4 * multi}.get(s.benchmark, 0.4 + 0.05 * multi)
+    per_step = _PER_STEP[s.benchmark] + {T2I: 0.2, FLOW: 0.4, DIGITS: 0.05}[s.benchmark] * multi
     if r.regression is not None:  # the generator alone
         per_step = 0.25
     return _max_steps(s) * per_step * batch / 128
+
+
+_PER_STEP = {DIGITS: 0.4, T2I: 0.7, FLOW: 1.4}  # a 1-step training step's cost, as a network call's
+
+
+def _eval_cost(e: Eval) -> float:
+    """Rough relative cost of an eval: network calls per image (a text teacher with CFG makes two)
+    times its benchmark's cost per call."""
+    bench = e.student.benchmark
+    if e.teacher is not None:
+        cfg = e.teacher.cfg or (teacher_cfg(bench) if bench in TEXT else 1.0)
+        calls = e.teacher.nfe * (2 if cfg != 1 else 1)
+    else:
+        calls = _recipe(e.student.recipe).generator.num_steps - (e.variant == "first3")
+    return calls * _PER_STEP[bench]
 
 
 # ---------------------------------------------------------------------------------------------
