@@ -181,6 +181,13 @@ class LossConfig(_Section):
     # carried through the generator's remaining steps without gradient (the distribution sampling
     # draws from). 1-step generators: the same.
     critic_samples: Literal["drawn_step", "last_step"] = "drawn_step"
+    # Which generator samples the generator's loss (DM and GAN terms) scores, multi-step:
+    # "drawn_step", the output of the step k drawn for the iteration (the paper, §3 and §4.4), or
+    # "last_step", that output carried through the generator's remaining steps *with* gradient, so
+    # step k is trained for the image sampling finally draws from it; it needs critic_samples:
+    # last_step (the fake score must model the samples it scores). Measured on digits-t2i: README,
+    # "The main job on CPU". 1-step generators: the same.
+    generator_samples: Literal["drawn_step", "last_step"] = "drawn_step"
     # A weight per generator step on the generator's loss at that step (multi-step; one per
     # generator timestep). None: 1 for every step, as in the paper.
     step_weights: list[Annotated[float, Field(ge=0)]] | None = None
@@ -192,6 +199,9 @@ class LossConfig(_Section):
             raise _rule(
                 "min_step_frac", f"must be < loss.max_step_frac={self.max_step_frac}", self.min_step_frac
             )
+        if self.generator_samples == "last_step" and self.critic_samples != "last_step":
+            raise _rule("generator_samples", "last_step scores the generator's last-step output with the fake "
+                        "score, which then must model it; set loss.critic_samples: last_step", "last_step")
         return self
 
 

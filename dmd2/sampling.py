@@ -48,8 +48,7 @@ def implied_noise(schedule, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
     return (x_t - schedule.add_noise(x0, zero, t)) / schedule.add_noise(zero, torch.ones_like(x0), t)
 
 
-@torch.no_grad()
-def sample(
+def rollout(
     denoise: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor],
     schedule,
     cond: dict[str, torch.Tensor],
@@ -80,3 +79,8 @@ def sample(
             eps = implied_noise(schedule, x, x0, tt) if deterministic else noise(shape)
             x = schedule.add_noise(x0, eps, timestep_batch(timesteps[i + 1], shape[0], x.device))
     return x0
+
+
+# Sampling, backward simulation and the critic's samples need no graph; the generator's loss on
+# its last-step output (loss.generator_samples: last_step) calls ``rollout`` with gradient.
+sample = torch.no_grad()(rollout)

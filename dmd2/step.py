@@ -19,7 +19,7 @@ from torch import nn
 from .data import Batch
 from .distill import critic_loss, generator_input, generator_loss
 from .models.roles import set_phase
-from .sampling import Noise, sample
+from .sampling import Noise, rollout, sample
 
 
 class Trainee(Protocol):
@@ -125,14 +125,18 @@ def to_floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def generator_step(gen: Trainee, critic: Trainee, x_t, t, batch: Batch, loss_cfg, rng: torch.Generator,
-                   weight: float = 1.0):
+                   weight: float = 1.0, rest: list[int] | None = None):
     """The generator's update (docs/algorithm.md §4, §6) with the critic frozen; returns its sample
     ``x`` (which the critic then trains on), its losses and whether the update was applied.
-    ``weight`` scales the loss (``loss.step_weights`` of the step trained)."""
+    ``weight`` scales the loss (``loss.step_weights`` of the step trained). ``rest``: the remaining
+    timesteps, through which the output is carried with gradient before the loss scores it
+    (``loss.generator_samples: last_step``); ``x`` is then the last step's output."""
     module = critic.module  # calling the critic's engine here would corrupt its next backward
     set_phase(module, "generator")
     try:
         x = gen(x_t, t, batch.cond)
+        if rest:  # the later steps through the plain module: one backward through the engine counts them all
+            x = rollout(gen.module, gen.module.schedule, batch.cond, x.shape, rest, Noise(rng, x.device), start=x)
         loss, logs = generator_loss(module, x, batch, loss_cfg, rng)
         if weight != 1.0:
             loss = loss * weight
@@ -160,13 +164,15 @@ def train_step(gen: Trainee, critic: Trainee, batch: Batch, *, k: int, timesteps
     schedule = gen.module.schedule
     x_t, t = generator_input(gen.module, schedule, timesteps, k, shape, batch, rng, backward_simulation, device)
     logs, applied = {}, True
+    rest = timesteps[k + 1:] if generator_turn and loss_cfg.generator_samples == "last_step" else []
     if generator_turn:
         weight = loss_cfg.step_weights[k] if loss_cfg.step_weights else 1.0
-        x, logs, applied = generator_step(gen, critic, x_t, t, batch, loss_cfg, rng, weight)
+        x, logs, applied = generator_step(gen, critic, x_t, t, batch, loss_cfg, rng, weight, rest)
     else:
         with torch.no_grad():
             x = gen.module(x_t, t, batch.cond)
-    if loss_cfg.critic_samples == "last_step" and k + 1 < len(timesteps):
+    # (with ``rest`` the generator's x is already the last step's, and critic_samples is last_step)
+    if loss_cfg.critic_samples == "last_step" and k + 1 < len(timesteps) and not rest:
         # the critic models what sampling draws: this output through the remaining steps
         x = sample(gen.module, schedule, batch.cond, shape, timesteps[k + 1:], Noise(rng, device), start=x.detach())
     logs_c, critic_applied = critic_step(critic, x, batch, loss_cfg, rng)

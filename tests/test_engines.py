@@ -218,3 +218,32 @@ def _check_engines_match_plain_pytorch(rig):
     assert torch.equal(_gathered(critic_module, "teacher."), teacher0)
     assert not torch.equal(_gathered(critic_module, "fake."), fake0)
     assert not torch.equal(_gathered(gen_engine.module), gen0)
+
+
+def test_generator_gradients_through_its_remaining_steps_match_plain_pytorch(rig):
+    """loss.generator_samples: last_step: the generator's output is carried through its later steps
+    with gradient, through the plain module (one ZeRO-3-partitioned network called three times in
+    one graph, then one backward through the engine); the gradients equal plain autograd's."""
+    from dmd2.sampling import Noise, rollout
+    from dmd2.step import generator_step
+
+    gen_engine, critic_engine, batch = rig["gen_engine"], rig["critic_engine"], rig["batch"]
+    ref_gen, ref_critic = rig["ref_gen"], rig["ref_critic"]
+    gen = _Recording(gen_engine, also=critic_engine.module)
+    _sync(ref_gen, gen_engine.module)
+    _sync(ref_critic, critic_engine.module)
+    rest = [499, 249]
+    x, _, applied = generator_step(gen, _Recording(critic_engine), rig["x_t"], rig["t"], batch, _loss_cfg(), _gen(),
+                                   rest=rest)
+    assert applied
+    rng = _gen()  # the same draws in the same order: the rollout's noise, then the loss's
+    set_phase(ref_critic, "generator")
+    x_ref = ref_gen(rig["x_t"], rig["t"], batch.cond)
+    x_ref = rollout(ref_gen, ref_gen.schedule, batch.cond, x_ref.shape, rest, Noise(rng, "cpu"), start=x_ref)
+    ref_loss, _ = generator_loss(ref_critic, x_ref, batch, _loss_cfg(), rng)
+    ref_loss.backward()
+    set_phase(ref_critic, "critic")
+    torch.testing.assert_close(x, x_ref, rtol=1e-4, atol=1e-5)
+    assert gen.loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    _assert_grads_match(gen.grads, ref_gen, list(gen.grads))
+    assert all(gr is None or gr.abs().sum() == 0 for gr in gen.also_grads.values()), "critic got generator gradients"

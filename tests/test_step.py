@@ -79,3 +79,36 @@ def test_step_weights_scale_the_generator_loss(parts):
     half, *_ = _run(parts, 2, step_weights=[1, 1, 0.5, 1])
     assert half["loss_generator"].item() == pytest.approx(0.5 * plain["loss_generator"].item(), rel=1e-6)
     assert half["loss_dm"].item() == pytest.approx(plain["loss_dm"].item(), rel=1e-6)  # the term itself is unweighted
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_generator_loss_scores_the_last_step_output_with_gradient_when_asked(parts, k):
+    """generator_samples=last_step: step k's output is carried through the remaining steps *with*
+    gradient (the later calls are in the generator's graph) before the loss scores it, and that
+    same sample is the critic's, so no second rollout is drawn; at the last step it changes nothing."""
+    from pydantic import ValidationError
+
+    def run(**loss):
+        gen, critic, batch = (copy.deepcopy(p) for p in parts)
+        g, c = TorchTrainee(gen, OptimizerConfig(lr=1e-4)), _Recorder(TorchTrainee(critic, OptimizerConfig(lr=1e-4)))
+        calls = []
+        gen.register_forward_hook(lambda m, a, out: calls.append((int(a[1][0]), out.requires_grad)))
+        before = [p.detach().clone() for p in gen.parameters()]
+        logs, _ = train_step(g, c, batch, k=k, timesteps=TIMESTEPS, shape=(2, 4, 8, 8),
+                             loss_cfg=LossConfig.model_validate({"critic_samples": "last_step", **loss}),
+                             backward_simulation=True, generator_turn=True, rng=torch.Generator().manual_seed(3),
+                             device="cpu")
+        moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(gen.parameters(), before, strict=True))
+        return logs, calls, c.calls[0][1], moved
+
+    logs_d, calls_d, x_d, moved_d = run()
+    logs_l, calls_l, x_l, moved_l = run(generator_samples="last_step")
+    rest = TIMESTEPS[k + 1:]
+    # drawn_step: the rest is the critic's rollout, outside the graph; last_step: inside it
+    assert calls_d == [(t, False) for t in TIMESTEPS[:k]] + [(TIMESTEPS[k], True)] + [(t, False) for t in rest]
+    assert calls_l == [(t, False) for t in TIMESTEPS[:k]] + [(TIMESTEPS[k], True)] + [(t, True) for t in rest]
+    assert x_l.shape == x_d.shape and moved_l > 0
+    if not rest:
+        assert torch.equal(x_l, x_d) and logs_l["loss_dm"].item() == logs_d["loss_dm"].item() and moved_l == moved_d
+    with pytest.raises(ValidationError, match="generator_samples.*critic_samples: last_step|critic_samples: last_step"):
+        LossConfig.model_validate({"generator_samples": "last_step"})
