@@ -182,7 +182,7 @@ class LossConfig(_Section):
     # draws from). 1-step generators: the same.
     critic_samples: Literal["drawn_step", "last_step"] = "drawn_step"
     # Which generator samples the generator's loss (DM and GAN terms) scores, multi-step:
-    # "drawn_step", the output of the step k drawn for the iteration (the paper, §3 and §4.4), or
+    # "drawn_step", the output of the step k drawn for the iteration (the paper; docs/algorithm.md §3), or
     # "last_step", that output carried through the generator's remaining steps *with* gradient, so
     # step k is trained for the image sampling finally draws from it; it needs critic_samples:
     # last_step (the fake score must model the samples it scores). Measured on digits-t2i: README,
