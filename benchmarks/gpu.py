@@ -1,7 +1,7 @@
 """SD1.5-, SDXL-, SD3.5-Medium- and FLUX.1-dev-architecture DMD2 iterations on one GPU: ZeRO-3, bf16,
 activation checkpointing.
 
-    python benchmarks/gpu.py                          # on a GPU box: < 8 minutes, runs/bench/gpu.json
+    python benchmarks/gpu.py                          # on a GPU box: 7 minutes (--budget-s), runs/bench/gpu.json
     python benchmarks/gpu.py --tiny --device cpu      # smoke run of the same code on CPU (tiny denoisers)
 
 For each architecture (SD1.5 at 512 px, 1-step, CFG 1.75; SDXL at 1024 px, 4-step with backward
@@ -54,6 +54,19 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def versions() -> dict:
+    """The versions a figure depends on (a GPU box often has its own torch and transformers)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "deepspeed", "diffusers", "transformers", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def plan(args) -> list[dict]:
     """Configurations in priority order (the LoRA goals at SD1.5 size, SDXL fitting in 80 GB, the
     flow-matching transformers, then the rest)."""
@@ -67,7 +80,8 @@ def plan(args) -> list[dict]:
         arch = name.removeprefix("tiny-")
         if arch in args.models and (mode in args.modes or mode == "encode") and offload in args.offload:
             out.append({"name": name, "mode": mode, "offload": offload, "batch": getattr(args, f"batch_{arch}"),
-                        "iters": args.iters, "device": args.device, "lora_rank": args.lora_rank})
+                        "iters": args.iters, "warmup": args.warmup, "device": args.device,
+                        "lora_rank": args.lora_rank})
     return out
 
 
@@ -135,15 +149,21 @@ def run_config(cfg: dict) -> dict:
                 torch.cuda.synchronize()
             return time.perf_counter() - t, losses
 
-        warm, _ = timed(K - 1, 0)  # the longest (most backward-simulation calls); ZeRO-3 traces here
+        # Warm-up: the first is the longest k (most backward-simulation calls; ZeRO-3 traces its
+        # module order here). On an H200 one warm-up iteration was not enough: the next two still
+        # took 2-4x the steady time (SD1.5 9.7, 5.2, then 2.2-2.9 s; SDXL 21, 27, then 6.7-8.6 s),
+        # so the mean over three timed iterations read 1.5-2x slow. Hence several, cycling k.
+        w = max(1, cfg.get("warmup", 1))
+        warm = [timed((K - 1 - i) % K, i)[0] for i in range(w)]
         n = max(cfg["iters"], K) if K > 1 else cfg["iters"]
         times, losses = [], {}
         for i in range(n):  # k cycles over 0..K-1: the mean is the expected time under uniform k
-            dt, losses = timed(i % K, i + 1)
+            dt, losses = timed(i % K, w + i)
             times.append(dt)
-        critic_only, _ = timed(0, n + 1, generator_turn=False)
+        critic_only, _ = timed(0, w + n, generator_turn=False)
         it = sum(times) / len(times)
-        out.update(status="ok", warmup_s=round(warm, 3), iter_s=round(it, 4), iter_times_s=[round(t, 4) for t in times],
+        out.update(status="ok", warmup_s=[round(t, 3) for t in warm], iter_s=round(it, 4),
+                   iter_times_s=[round(t, 4) for t in times],
                    critic_only_s=round(critic_only, 4), images_per_s=round(B / it, 3), peak_gb=round(peak(), 3),
                    losses={k: round(v, 5) for k, v in losses.items()})
         if cuda:
@@ -272,11 +292,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sdxl", type=int, default=1)
     p.add_argument("--batch-sd35", type=int, default=1)
     p.add_argument("--batch-flux", type=int, default=1)
-    p.add_argument("--iters", type=int, default=3, help="timed iterations (at least one per k for SDXL 4-step)")
+    p.add_argument("--iters", type=int, default=4, help="timed iterations (at least one per k for SDXL 4-step)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (k cycling from the longest)")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (else a table)")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting configurations after this")
-    p.add_argument("--config-timeout-s", type=float, default=150)
+    p.add_argument("--config-timeout-s", type=float, default=240)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -315,7 +336,7 @@ def main(argv=None) -> int:
         env.pop("DS_ACCELERATOR", None)
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) - 1))
     report = {"device": device, "peak_tflops_bf16": peak, "command": " ".join(sys.argv),
-              "versions": {"torch": torch.__version__}, "configs": [], "rows": []}
+              "versions": versions(), "configs": [], "rows": []}
 
     # FLOPs: a CPU process beside the GPU work
     names = sorted({c["name"] for c in plan(args)})
