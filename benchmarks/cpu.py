@@ -197,8 +197,8 @@ def bench_lora(res: Results, rounds: int) -> None:
     tmp = OUT / ".lora"
     tmp.mkdir(parents=True, exist_ok=True)
     for mode in modes:
-        cfg = {"name": "small-sd15", "mode": mode, "offload": False, "batch": 2, "iters": 2, "device": "cpu",
-               "lora_rank": 16}
+        cfg = {"name": "small-sd15", "mode": mode, "offload": False, "batch": 2, "iters": 2, "warmup": 1,
+               "device": "cpu", "lora_rank": 16}
         out = tmp / f"{mode}.json"
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu.py"), "--worker", json.dumps(cfg),
                                "--device", "cpu", "--result", str(out)], capture_output=True, text=True,

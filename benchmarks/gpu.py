@@ -153,7 +153,7 @@ def run_config(cfg: dict) -> dict:
         # module order here). On an H200 one warm-up iteration was not enough: the next two still
         # took 2-4x the steady time (SD1.5 9.7, 5.2, then 2.2-2.9 s; SDXL 21, 27, then 6.7-8.6 s),
         # so the mean over three timed iterations read 1.5-2x slow. Hence several, cycling k.
-        w = max(1, cfg.get("warmup", 1))
+        w = cfg["warmup"]
         warm = [timed((K - 1 - i) % K, i)[0] for i in range(w)]
         n = max(cfg["iters"], K) if K > 1 else cfg["iters"]
         times, losses = [], {}
@@ -280,6 +280,12 @@ def summarise(configs: list[dict], device: str, peak: float | None) -> Results:
     return res
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench/gpu.json")
@@ -293,7 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sd35", type=int, default=1)
     p.add_argument("--batch-flux", type=int, default=1)
     p.add_argument("--iters", type=int, default=4, help="timed iterations (at least one per k for SDXL 4-step)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (k cycling from the longest)")
+    p.add_argument("--warmup", type=_at_least_one, default=3, metavar="N",
+                   help="untimed iterations first, at least 1 (ZeRO-3 traces on the first; k cycles from the longest)")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (else a table)")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting configurations after this")
