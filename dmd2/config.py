@@ -43,6 +43,7 @@ Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
 Timestep = Annotated[int, Strict(), Field(ge=0, lt=T)]
 Beta = Annotated[float, Strict(), Field(ge=0, lt=1)]
+Frac = Annotated[float, Strict(), Field(ge=0, le=1)]
 
 
 class RecipeError(Exception):
@@ -171,6 +172,11 @@ class GanConfig(_Section):
 class LossConfig(_Section):
     # Standard CFG form eps_u + w (eps_c - eps_u); 1.0 = conditional only (paper §4).
     cfg_scale: Float = Field(1.0, ge=0)
+    # Guidance only where the DM loss's timestep t / T lies in [lo, hi] (inclusive); elsewhere the
+    # teacher's conditional prediction (scale 1). None: every timestep, as in the paper (§4). The
+    # sampler-side idea of Kynkäänniemi et al. 2024 ("Applying guidance in a limited interval")
+    # moved onto the real score of the DM loss (Eq. 2).
+    cfg_interval: tuple[Frac, Frac] | None = None
     min_step_frac: Float = Field(0.02, ge=0, le=1)
     max_step_frac: Float = Field(0.98, ge=0, le=1)
     dm_weight: Float = Field(1.0, ge=0)
@@ -199,6 +205,8 @@ class LossConfig(_Section):
             raise _rule(
                 "min_step_frac", f"must be < loss.max_step_frac={self.max_step_frac}", self.min_step_frac
             )
+        if self.cfg_interval is not None and self.cfg_interval[0] > self.cfg_interval[1]:
+            raise _rule("cfg_interval", "needs lo <= hi", list(self.cfg_interval))
         if self.generator_samples == "last_step" and self.critic_samples != "last_step":
             raise _rule("generator_samples", "last_step scores the generator's last-step output with the fake "
                         "score, which then must model it; set loss.critic_samples: last_step", "last_step")

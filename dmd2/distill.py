@@ -47,6 +47,17 @@ def generator_input(generator, schedule, timesteps: list[int], k: int, shape, ba
     return schedule.add_noise(x0, noise(shape), t), t
 
 
+def _cfg_scales(loss_cfg, t: torch.Tensor) -> float | torch.Tensor:
+    """loss.cfg_scale, or per sample (B x 1 x 1 x 1) with loss.cfg_interval: the scale where t / T lies
+    in the interval, 1 (conditional only) elsewhere."""
+    if loss_cfg.cfg_interval is None:
+        return loss_cfg.cfg_scale
+    lo, hi = loss_cfg.cfg_interval
+    inside = (t >= lo * T) & (t <= hi * T)
+    ones = torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    return torch.where(inside, ones * loss_cfg.cfg_scale, ones).view(-1, 1, 1, 1)
+
+
 def generator_loss(critic, x: torch.Tensor, batch: Batch, loss_cfg, g: torch.Generator):
     """L_G = w_dm L_dm + w_G L_Gcls for generator samples ``x`` (B x C x H x W, with gradient)."""
     schedule = critic.teacher.schedule
@@ -55,7 +66,7 @@ def generator_loss(critic, x: torch.Tensor, batch: Batch, loss_cfg, g: torch.Gen
     with torch.no_grad():
         x_t = schedule.add_noise(x.detach(), _randn(g, x), t)
         x0_fake = critic.fake(x_t, t, batch.cond)
-        x0_teacher = critic.teacher_x0(x_t, t, batch.cond, batch.uncond, loss_cfg.cfg_scale)
+        x0_teacher = critic.teacher_x0(x_t, t, batch.cond, batch.uncond, _cfg_scales(loss_cfg, t))
     l_dm = losses.dmd_loss(x, x0_fake, x0_teacher)
     total = loss_cfg.dm_weight * l_dm
     logs = {"loss_dm": l_dm.detach()}

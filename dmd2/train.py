@@ -179,7 +179,7 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
         regression_loss = RegressionLoss(reg, teacher, m.tiny_vae, device)
         real = None
     else:
-        teacher.check_cfg(recipe.loss.cfg_scale)
+        teacher.check_cfg(recipe.loss.cfg_scale, recipe.loss.cfg_interval)
         batches = build_batches(recipe.data, teacher, resolution=resolution, batch_size=t.batch_size, seed=t.seed,
                                 cfg_scale=recipe.loss.cfg_scale, rank=rank, world=world, device=device)
         real = batches.real

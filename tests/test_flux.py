@@ -231,6 +231,12 @@ def test_guided_x0_is_one_guided_call_or_cfg(family, dev, schnell):
             torch.testing.assert_close(got, d(x, tt, cond), rtol=0, atol=0)
             with pytest.raises(ValueError, match="guidance input is 3.5 but loss.cfg_scale is 2.0"):
                 guided_x0(d, x, tt, cond, uncond, 2.0)
+            # loss.cfg_interval's per-sample scales need an unconditional branch: refused at load
+            # time in one line naming the field, and by the real score itself
+            with pytest.raises(UserError, match=r"^loss.cfg_interval: \[0.0, 0.5\] needs an unconditional"):
+                t.check_cfg(3.5, (0.0, 0.5))
+            with pytest.raises(ValueError, match="cfg_interval needs a teacher with an unconditional branch"):
+                guided_x0(d, x, tt, cond, uncond, torch.full((2, 1, 1, 1), 3.5))
         else:
             assert batches == [4]
             v = cfg(d.raw(x, tt, cond), d.raw(x, tt, uncond), 3.5)

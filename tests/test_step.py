@@ -112,3 +112,28 @@ def test_generator_loss_scores_the_last_step_output_with_gradient_when_asked(par
         assert torch.equal(x_l, x_d) and logs_l["loss_dm"].item() == logs_d["loss_dm"].item() and moved_l == moved_d
     with pytest.raises(ValidationError, match="generator_samples.*critic_samples: last_step|critic_samples: last_step"):
         LossConfig.model_validate({"generator_samples": "last_step"})
+
+
+def test_cfg_interval_guides_only_the_timesteps_inside_it(parts, tiny_teacher):
+    """loss.cfg_interval: each sample's real score is guided at loss.cfg_scale when its DM timestep
+    lies in the interval, conditional-only (scale 1) outside; the row-wise float calls agree."""
+    from dmd2.distill import _cfg_scales
+    from dmd2.models.roles import guided_x0
+
+    _, critic, batch = parts
+    teacher = critic.teacher
+    cfg = LossConfig.model_validate({"cfg_scale": 3.0, "cfg_interval": [0.5, 0.9]})
+    t = torch.tensor([700, 300])
+    scales = _cfg_scales(cfg, t)
+    assert scales.flatten().tolist() == [3.0, 1.0]
+    assert _cfg_scales(cfg, torch.tensor([500, 900, 901, 499])).flatten().tolist() == [3.0, 3.0, 1.0, 1.0]
+    assert _cfg_scales(LossConfig(cfg_scale=3.0), t) == 3.0  # no interval: one float, the paper's form
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    u = Conditioner(load_teacher(str(tiny_teacher("sd15"))), 32).uncond(2)
+    both = guided_x0(teacher, x, t, batch.cond, u, scales)
+    for i, s in enumerate([3.0, 1.0]):
+        row = guided_x0(teacher, x[i:i + 1], t[i:i + 1], {k: v[i:i + 1] for k, v in batch.cond.items()},
+                        {k: v[i:i + 1] for k, v in u.items()}, s)
+        torch.testing.assert_close(both[i:i + 1], row, rtol=1e-4, atol=1e-5)
+    plain = guided_x0(teacher, x, t, batch.cond, u, 3.0)
+    assert torch.allclose(both[0], plain[0], rtol=1e-4, atol=1e-5) and not torch.allclose(both[1], plain[1])

@@ -75,9 +75,12 @@ class Teacher:
                             f"{most * self.vae_scale_factor * self._downsampling} (pos_embed_max_size)")
         return res
 
-    def check_cfg(self, cfg_scale: float) -> None:
+    def check_cfg(self, cfg_scale: float, cfg_interval=None) -> None:
         if self.family == "classcond" and cfg_scale != 1.0:
             raise UserError(f"loss.cfg_scale: {cfg_scale} but class-conditional teachers use no CFG (set 1.0)")
+        if cfg_interval is not None and self.guidance_embeds:
+            raise UserError(f"loss.cfg_interval: {list(cfg_interval)} needs an unconditional branch, but this "
+                            "teacher takes its guidance as an input (guidance-distilled); remove it")
 
     @property
     def transformer(self) -> bool:

@@ -32,7 +32,7 @@ class TeacherView(Denoiser):
 
 
 @torch.no_grad()
-def guided_x0(teacher: Denoiser, x_t, t, cond, uncond, cfg_scale: float) -> torch.Tensor:
+def guided_x0(teacher: Denoiser, x_t, t, cond, uncond, cfg_scale: float | torch.Tensor) -> torch.Tensor:
     """Teacher x0 with classifier-free guidance in the standard form (§4 step 4); cond and uncond
     run as one batch so ZeRO-3 gathers the teacher once. Also the teacher of ``dmd2 ode-pairs``.
 
@@ -42,12 +42,17 @@ def guided_x0(teacher: Denoiser, x_t, t, cond, uncond, cfg_scale: float) -> torc
     call with guidance = ``cfg_scale`` (loss.cfg_scale), in place of CFG. The trainable copies
     (generator, fake score) are called with the same guidance (``Teacher.guidance``, build_roles), so
     the exported student runs in stock FluxPipeline with guidance_scale = loss.cfg_scale.
+
+    Also the per-sample scales of loss.cfg_interval (a B x 1 x 1 x 1 tensor, distill._cfg_scales).
     """
+    if torch.is_tensor(cfg_scale) and teacher.guidance is not None:
+        raise ValueError("loss.cfg_interval needs a teacher with an unconditional branch; this teacher "
+                         "takes its guidance as an input (guidance-distilled)")
     if teacher.guidance is not None:
         if teacher.guidance != cfg_scale:
             raise ValueError(f"the teacher's guidance input is {teacher.guidance} but loss.cfg_scale is {cfg_scale}")
         return teacher(x_t, t, cond)
-    if uncond is None or cfg_scale == 1.0:
+    if uncond is None or (not torch.is_tensor(cfg_scale) and cfg_scale == 1.0):
         return teacher(x_t, t, cond)
     from ..losses import cfg
 
