@@ -53,9 +53,8 @@ def _cfg_scales(loss_cfg, t: torch.Tensor) -> float | torch.Tensor:
     if loss_cfg.cfg_interval is None:
         return loss_cfg.cfg_scale
     lo, hi = loss_cfg.cfg_interval
-    inside = (t >= lo * T) & (t <= hi * T)
-    ones = torch.ones(t.shape, dtype=torch.float32, device=t.device)
-    return torch.where(inside, ones * loss_cfg.cfg_scale, ones).view(-1, 1, 1, 1)
+    inside = ((t >= lo * T) & (t <= hi * T)).float()
+    return (1.0 + (loss_cfg.cfg_scale - 1.0) * inside).view(-1, 1, 1, 1)
 
 
 def generator_loss(critic, x: torch.Tensor, batch: Batch, loss_cfg, g: torch.Generator):

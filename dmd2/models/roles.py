@@ -45,10 +45,10 @@ def guided_x0(teacher: Denoiser, x_t, t, cond, uncond, cfg_scale: float | torch.
 
     Also the per-sample scales of loss.cfg_interval (a B x 1 x 1 x 1 tensor, distill._cfg_scales).
     """
-    if torch.is_tensor(cfg_scale) and teacher.guidance is not None:
-        raise ValueError("loss.cfg_interval needs a teacher with an unconditional branch; this teacher "
-                         "takes its guidance as an input (guidance-distilled)")
     if teacher.guidance is not None:
+        if torch.is_tensor(cfg_scale):
+            raise ValueError("loss.cfg_interval needs a teacher with an unconditional branch; this teacher "
+                             "takes its guidance as an input (guidance-distilled)")
         if teacher.guidance != cfg_scale:
             raise ValueError(f"the teacher's guidance input is {teacher.guidance} but loss.cfg_scale is {cfg_scale}")
         return teacher(x_t, t, cond)
