@@ -197,6 +197,12 @@ class LossConfig(_Section):
     # A weight per generator step on the generator's loss at that step (multi-step; one per
     # generator timestep). None: 1 for every step, as in the paper.
     step_weights: list[Annotated[float, Field(ge=0)]] | None = None
+    # The fake score's dropout: "none" (the authors' networks have none; docs/algorithm.md §1) or
+    # "teacher", the teacher's own training-time dropout layers, kept at their rates. The fake score
+    # never samples, so this is a regulariser of the critic, not the train/sample mismatch the
+    # generator must not have (its dropout is always zero). Measured on the digits 1-step student:
+    # README, "The main job on CPU".
+    fake_score_dropout: Literal["none", "teacher"] = "none"
     gan: GanConfig = Field(default_factory=GanConfig)
 
     @model_validator(mode="after")
@@ -336,6 +342,14 @@ class Recipe(_Section):
                             "set generator.num_steps: 1", "set")
             if self.model.critic_init is not None:
                 raise _rule("model.critic_init", "the regression stage trains no critic", self.model.critic_init)
+        return self
+
+    @model_validator(mode="after")
+    def _fake_score_dropout_needs_own_copy(self) -> Recipe:
+        if self.loss.fake_score_dropout == "teacher" and self.model.lora.fake_score:
+            raise _rule("loss.fake_score_dropout", "teacher needs a fake score of its own; with "
+                        "model.lora.fake_score it shares the teacher's UNet, whose dropout the teacher must not run",
+                        "teacher")
         return self
 
     @model_validator(mode="after")

@@ -200,7 +200,8 @@ def _train(recipe: Recipe, rank: int, world: int) -> Path:
                                            resolution=resolution, seed=t.seed,
                                            gradient_checkpointing=t.gradient_checkpointing,
                                            gan_layer=recipe.loss.gan.feature_layer, generator_init=gen_init,
-                                           critic=reg is None, cfg_scale=recipe.loss.cfg_scale)
+                                           critic=reg is None, cfg_scale=recipe.loss.cfg_scale,
+                                           fake_score_dropout=recipe.loss.fake_score_dropout == "teacher")
     del gen_init
     if fresh and m.critic_init:
         warm.append(warmstart.load_critic(critic_module, m.critic_init))

@@ -245,6 +245,12 @@ BAD = {
         ["model.lora.target_modules", "empty"],
     ),
     "lora_dropout": (_base(model__lora={"dropout": 1.0}), [], ["model.lora.dropout"]),
+    "fake_score_dropout_shared": (
+        _base(model__lora={"fake_score": True}, loss={"fake_score_dropout": "teacher"}),
+        [],
+        ["loss.fake_score_dropout", "model.lora.fake_score"],
+    ),
+    "fake_score_dropout_value": (_base(loss={"fake_score_dropout": 0.1}), [], ["loss.fake_score_dropout"]),
     "bad_fraction": (_base(data__max_bad_fraction=2), [], ["data.max_bad_fraction"]),
     "resolution": (_base(train__resolution=4), [], ["train.resolution"]),
     "log_every": (_base(logging={"log_every": 0}), [], ["logging.log_every"]),

@@ -104,20 +104,26 @@ def test_sd15_uncond_is_empty_prompt(tiny_teacher):
     torch.testing.assert_close(c.uncond(2)["encoder_hidden_states"][1], c.encode_prompts([""])["encoder_hidden_states"][0])
 
 
-def test_trainable_copies_have_no_dropout_whatever_the_teacher_says():
-    """A teacher trained with dropout 0.1: the generator and fake score run the same function in
-    train mode (training, backward simulation) as in eval mode (sampling); the teacher is untouched."""
+def _dropout_teacher():
+    """A tiny class-conditional EDM teacher whose config says dropout 0.1 (as the digits teachers')."""
     from diffusers import UNet2DModel
 
     from dmd2.models import Teacher
-    from dmd2.models.roles import build_roles
     from dmd2.schedule import EDMSchedule
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        num_class_embeds=10, norm_num_groups=8, dropout=0.1).eval()
-    teacher = Teacher("test", "classcond", unet, EDMSchedule(), {"_class_name": "EDMEulerScheduler"})
+    return Teacher("test", "classcond", unet, EDMSchedule(), {"_class_name": "EDMEulerScheduler"}), unet
+
+
+def test_trainable_copies_have_no_dropout_whatever_the_teacher_says():
+    """A teacher trained with dropout 0.1: the generator and fake score run the same function in
+    train mode (training, backward simulation) as in eval mode (sampling); the teacher is untouched."""
+    from dmd2.models.roles import build_roles
+
+    teacher, unet = _dropout_teacher()
     gen, critic = build_roles(teacher, gan=False, resolution=8, seed=0, gradient_checkpointing=False)
     x, t, cond = torch.randn(2, 3, 8, 8), torch.full((2,), 500), {"class_labels": torch.tensor([1, 2])}
     assert gen.training and critic.fake.training
@@ -129,3 +135,20 @@ def test_trainable_copies_have_no_dropout_whatever_the_teacher_says():
             assert torch.equal(train_out, net(x, t, cond))  # and the function sampling uses
             net.train()
     assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in unet.modules())  # the teacher keeps its own
+
+
+def test_fake_score_dropout_teacher_keeps_it_in_the_fake_score_only():
+    """loss.fake_score_dropout: teacher: the fake score has the teacher's dropout layers at their
+    rates (stochastic in train mode), the generator still none."""
+    from dmd2.models.roles import build_roles
+
+    teacher, unet = _dropout_teacher()
+    gen, critic = build_roles(teacher, gan=False, resolution=8, seed=0, gradient_checkpointing=False,
+                              fake_score_dropout=True)
+    rates = lambda m: [d.p for d in m.modules() if isinstance(d, torch.nn.Dropout)]  # noqa: E731
+    assert rates(critic.fake) == rates(unet) and 0.1 in rates(unet)
+    assert set(rates(gen)) == {0.0}
+    x, t, cond = torch.randn(2, 3, 8, 8), torch.full((2,), 500), {"class_labels": torch.tensor([1, 2])}
+    with torch.no_grad():
+        assert not torch.equal(critic.fake(x, t, cond), critic.fake(x, t, cond))
+        assert torch.equal(gen(x, t, cond), gen(x, t, cond))

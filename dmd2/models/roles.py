@@ -163,26 +163,32 @@ def check_gan_layer(teacher: Teacher, layer: str | int) -> None:
 def build_roles(teacher: Teacher, *, lora=None, gan: bool, resolution: int, seed: int,
                 gradient_checkpointing: bool, gan_layer: str | int = "mid_block",
                 generator_init: tuple[dict, str] | None = None,
-                critic: bool = True, cfg_scale: float | None = None) -> tuple[Denoiser, Critic | None]:
+                critic: bool = True, cfg_scale: float | None = None,
+                fake_score_dropout: bool = False) -> tuple[Denoiser, Critic | None]:
     """Generator and fake score start as copies of the teacher; the GAN head is random but the
     same on every rank (seeded), as ZeRO-3 partitions each rank's own copy. ``generator_init``:
     (full UNet weights, their source) the generator starts from instead (``model.generator_init``).
     ``critic=False`` (the regression stage): the generator only, and None. ``cfg_scale``
     (loss.cfg_scale): the guidance input of all three networks when the teacher is guidance-distilled
-    (FLUX.1-dev; see guided_x0), which then needs it; unused otherwise.
+    (FLUX.1-dev; see guided_x0), which then needs it; unused otherwise. ``fake_score_dropout``
+    (loss.fake_score_dropout: teacher): the fake score keeps the teacher's dropout layers; the
+    generator never does.
 
     With ``lora.fake_score`` the fake score is a LoRA adapter on the teacher's own UNet, and the
     teacher is that UNet with its adapters off: one frozen base instead of two UNets, and no
     weight gradients or optimizer state for it.
     """
     shared = lora is not None and lora.fake_score
+    if shared and fake_score_dropout:
+        raise ValueError("build_roles: fake_score_dropout needs a fake score of its own, not the teacher's UNet")
     gen_unet = copy.deepcopy(teacher.unet)
     if generator_init is not None:
         load_generator(gen_unet, *generator_init)
     fake_unet = None if not critic else teacher.unet if shared else copy.deepcopy(teacher.unet)
     for unet in (gen_unet, fake_unet) if critic else (gen_unet,):
         unet.requires_grad_(True).train()
-        without_dropout(unet)
+        if not (fake_score_dropout and unet is fake_unet):
+            without_dropout(unet)
         if gradient_checkpointing:
             # non-reentrant: works when a module runs twice per backward
             unet.enable_gradient_checkpointing(_checkpoint)
