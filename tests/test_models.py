@@ -145,7 +145,9 @@ def test_fake_score_dropout_teacher_keeps_it_in_the_fake_score_only():
     teacher, unet = _dropout_teacher()
     gen, critic = build_roles(teacher, gan=False, resolution=8, seed=0, gradient_checkpointing=False,
                               fake_score_dropout=True)
-    rates = lambda m: [d.p for d in m.modules() if isinstance(d, torch.nn.Dropout)]  # noqa: E731
+    def rates(module):
+        return [d.p for d in module.modules() if isinstance(d, torch.nn.Dropout)]
+
     assert rates(critic.fake) == rates(unet) and 0.1 in rates(unet)
     assert set(rates(gen)) == {0.0}
     x, t, cond = torch.randn(2, 3, 8, 8), torch.full((2,), 500), {"class_labels": torch.tensor([1, 2])}
