@@ -132,7 +132,7 @@ PROFILES = {
                     # draw and time) is make bench-quality's, and keeps make demo under 10 minutes
                     _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1,)), 1000, "demo", budget_s=600),
     # The 1-step student at batch 256 for 1500 steps (the compute of 3000 at the recipe's 128):
-    # FID 1.18 at n=2000 against the teacher's 1.09 at 50 calls (README, make bench-quality).
+    # FID 1.00 at n=2000 against the teacher's 1.09 at 50 calls (README, make bench-quality).
     "bench": Profile("runs/bench-quality", (
         Student("student_1step", "recipes/digits_1step.yaml", DIGITS, 1500, ("train.batch_size=256",)),
         Student("student_4step", "recipes/digits_4step.yaml", DIGITS, 2000, quarter=True, first=True),
