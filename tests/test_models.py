@@ -118,6 +118,10 @@ def _dropout_teacher():
     return Teacher("test", "classcond", unet, EDMSchedule(), {"_class_name": "EDMEulerScheduler"}), unet
 
 
+def _dropout_rates(module):
+    return [d.p for d in module.modules() if isinstance(d, torch.nn.Dropout)]
+
+
 def test_trainable_copies_have_no_dropout_whatever_the_teacher_says():
     """A teacher trained with dropout 0.1: the generator and fake score run the same function in
     train mode (training, backward simulation) as in eval mode (sampling); the teacher is untouched."""
@@ -134,7 +138,7 @@ def test_trainable_copies_have_no_dropout_whatever_the_teacher_says():
             net.eval()
             assert torch.equal(train_out, net(x, t, cond))  # and the function sampling uses
             net.train()
-    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in unet.modules())  # the teacher keeps its own
+    assert 0.1 in _dropout_rates(unet)  # the teacher keeps its own
 
 
 def test_fake_score_dropout_teacher_keeps_it_in_the_fake_score_only():
@@ -145,11 +149,8 @@ def test_fake_score_dropout_teacher_keeps_it_in_the_fake_score_only():
     teacher, unet = _dropout_teacher()
     gen, critic = build_roles(teacher, gan=False, resolution=8, seed=0, gradient_checkpointing=False,
                               fake_score_dropout=True)
-    def rates(module):
-        return [d.p for d in module.modules() if isinstance(d, torch.nn.Dropout)]
-
-    assert rates(critic.fake) == rates(unet) and 0.1 in rates(unet)
-    assert set(rates(gen)) == {0.0}
+    assert _dropout_rates(critic.fake) == _dropout_rates(unet) and 0.1 in _dropout_rates(unet)
+    assert set(_dropout_rates(gen)) == {0.0}
     x, t, cond = torch.randn(2, 3, 8, 8), torch.full((2,), 500), {"class_labels": torch.tensor([1, 2])}
     with torch.no_grad():
         assert not torch.equal(critic.fake(x, t, cond), critic.fake(x, t, cond))
