@@ -37,6 +37,20 @@ def run_cli(*args, ranks=1, timeout=600, fault=None, **env):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_demo(profile: str, out: Path, cache: Path) -> dict:
+    """``python -m dmd2.digits.demo --profile PROFILE`` through the CLI on this test's share of the
+    cores; its report's rows by (benchmark, name, nfe). Under pytest-xdist the other workers'
+    subprocesses run beside it, and a 2-thread training beside one busy core ran 15x slower than
+    alone (README "The main job on CPU"), so the demo gets the cores divided by the workers."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = max(1, (os.cpu_count() or 1) // workers)
+    res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", profile, "--out", str(out),
+                          "--cache", str(cache), "--jobs", str(min(2, cores)), "--cores", str(cores)],
+                         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return {(r["benchmark"], r["name"], r["nfe"]): r for r in json.loads((Path(out) / "report.json").read_text())}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

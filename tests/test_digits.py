@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import cli_env
+from helpers import run_demo
 
 from dmd2.digits import classifiers
 from dmd2.digits.data import Split, load_split, read_class_folders, write_digits
@@ -128,14 +128,6 @@ def test_precision_recall_k3():
     assert precision_recall(real, fake + 10) == (0.0, 0.0)
 
 
-def _demo(profile: str, out: Path, cache: Path) -> dict:
-    """python -m dmd2.digits.demo --profile PROFILE through the CLI; its rows by (benchmark, name, nfe)."""
-    res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", profile, "--out", str(out),
-                          "--cache", str(cache)], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return {(r["benchmark"], r["name"], r["nfe"]): r for r in json.loads((out / "report.json").read_text())}
-
-
 # make test-all: the demo pipeline and its report run in the default suite through the digits-t2i
 # test below; this class-conditional run (87 s) is make demo's first row in small.
 @pytest.mark.slow
@@ -143,7 +135,7 @@ def test_demo_student_beats_the_teacher_at_one_call(tmp_path):
     """A short `make demo` (profile "test"): the real CLI trains a 1-step student from the
     checked-in teacher with the GAN on the real digits, dmd2 eval scores both at one call."""
     out = tmp_path / "demo"
-    rows = _demo("test", out, tmp_path / "cache")
+    rows = run_demo("test", out, tmp_path / "cache")
     student, teacher = rows["digits", "student_1step", 1], rows["digits", "teacher", 1]
     assert set(student) == {"name", "nfe", "fid", "precision", "recall", "label_accuracy", "images_per_s",
                             "benchmark", "steps"}
@@ -162,7 +154,7 @@ def test_demo_t2i_student_beats_the_cfg_teacher_at_one_call(tmp_path):
     a 1-step student from the checked-in text-to-image teacher; scored at 8 x 8 against the teacher
     with CFG at one call, and it draws the prompt's digit."""
     out = tmp_path / "demo"
-    rows = _demo("test-t2i", out, tmp_path / "cache")
+    rows = run_demo("test-t2i", out, tmp_path / "cache")
     student, teacher = rows["digits-t2i", "student_1step", 1], rows["digits-t2i", "teacher_cfg", 1]
     assert student["fid"] <= 0.5 * teacher["fid"], (student, teacher)
     assert student["label_accuracy"] >= 0.8, student
@@ -196,6 +188,31 @@ def test_run_parallel_hands_each_finished_command_to_on_done_and_stops_on_its_er
         run_parallel([cmd("a"), cmd("b", after="a")], jobs=2, on_done=fail)
     # "b" started just before a's scoring failed, and was stopped (SIGTERM) rather than left running
     assert len(started) == 2 and started[1].wait(timeout=30) == -signal.SIGTERM
+
+
+def test_demo_commands_share_the_cores_they_are_given(tmp_path, monkeypatch):
+    """Each command's OpenMP threads are the cores divided among the commands that can run: --cores
+    (tests under pytest-xdist pass their share), else the CPUs this process may use (its affinity,
+    not the machine's count). More threads than free cores made a training 15x slower."""
+    from dmd2.digits.demo import run_parallel
+
+    threads, popen = [], subprocess.Popen
+
+    def record(cmd, **kw):
+        threads.append(kw["env"]["OMP_NUM_THREADS"])
+        return popen(cmd, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", record)
+
+    def cmds(*names):
+        return [(n, ["--help"], tmp_path / f"{n}.log") for n in names]
+
+    run_parallel(cmds("alone"), jobs=2, cores=1)
+    run_parallel(cmds("alone"), jobs=2, cores=3)
+    run_parallel(cmds("a", "b"), jobs=2, cores=4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    run_parallel(cmds("pinned"), jobs=2)
+    assert threads == ["1", "3", "2", "2", "1"]
 
 
 def test_missing_digits_folder_names_the_command_that_builds_it(tmp_path, monkeypatch):

@@ -180,17 +180,10 @@ def test_demo_flow_student_beats_the_cfg_teacher_at_one_call(tmp_path):
     (a T5-free SD3 transformer, CFG, velocity prediction on VAE latents, the GAN on the captioned
     digits) trains a 1-step student from the checked-in teacher through the real CLI; scored at
     8 x 8 against the teacher with CFG at one call, and it draws the prompt's digit."""
-    import subprocess
-    import sys
-
-    from helpers import cli_env
+    from helpers import run_demo
 
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", "test-flow", "--out", str(out),
-                          "--cache", str(tmp_path / "cache")], cwd=REPO, env=cli_env(), capture_output=True,
-                         text=True, timeout=1200)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    rows = {(r["benchmark"], r["name"], r["nfe"]): r for r in json.loads((out / "report.json").read_text())}
+    rows = run_demo("test-flow", out, tmp_path / "cache")
     student, teacher = rows["digits-flow", "student_1step", 1], rows["digits-flow", "teacher_cfg", 1]
     assert student["steps"] == 200
     assert student["fid"] <= 0.5 * teacher["fid"], (student, teacher)

@@ -251,12 +251,23 @@ def _env(threads: int = 1) -> dict:
     return env
 
 
-def _threads(jobs: int, ready: int) -> int:
-    """Threads for a command started while ``ready`` commands (itself included) could run now."""
-    return max(1, (os.cpu_count() or 1) // max(1, min(jobs, ready)))
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity, e.g. under taskset or a cgroup cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
-def run_parallel(commands: list[tuple], jobs: int, on_done=None) -> dict[str, float]:
+def _threads(jobs: int, ready: int, cores: int | None = None) -> int:
+    """Threads for a command started while ``ready`` commands (itself included) could run now: the
+    ``cores`` (default: all this process may use) shared among them. More OpenMP threads than free
+    cores is far worse than fewer: beside one busy core a 2-thread training on 2 cores ran 15x
+    slower than alone (README "The main job on CPU"; tests/helpers.py run_demo passes --cores)."""
+    return max(1, (cores or available_cores()) // max(1, min(jobs, ready)))
+
+
+def run_parallel(commands: list[tuple], jobs: int, on_done=None, cores: int | None = None) -> dict[str, float]:
     """Run ``(name, dmd2 arguments, log file[, after])`` with at most ``jobs`` at once, in order,
     except that a command waits for the one named ``after``; arguments may be a function, called
     at the start (e.g. to read a finished run). ``on_done(name)`` runs here after each command
@@ -271,7 +282,7 @@ def run_parallel(commands: list[tuple], jobs: int, on_done=None) -> dict[str, fl
                 break
             runnable = sum(c[3] is None or c[3] in seconds for c in pending)  # ``ready`` included
             pending.remove(ready)
-            threads = _threads(jobs, len(running) + runnable)
+            threads = _threads(jobs, len(running) + runnable, cores)
             name, args, log, _ = ready
             args = args() if callable(args) else args
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -366,7 +377,8 @@ def _max_steps(s: Student) -> int:
     return s.max_steps or _recipe(s.recipe).train.max_steps
 
 
-def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False, on_done=None) -> dict[str, float]:
+def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False, on_done=None,
+                   cores: int | None = None) -> dict[str, float]:
     """Train every student (``rescore``: keep the finished runs already in ``p.out``), then the
     evals and sample grids; ``on_done(name)`` after each (``run_parallel``)."""
     from .t2i import PROMPTS_FILE
@@ -438,7 +450,7 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
                 "--overwrite"]
         eval_cmds.append((f"sample {_key(s)}", args, p.out / "logs" / f"sample_{s.benchmark}_{s.name}.log",
                           after(s)))
-    return run_parallel(train_cmds + eval_cmds, jobs, on_done)
+    return run_parallel(train_cmds + eval_cmds, jobs, on_done, cores)
 
 
 def _check_finished(run: Path, steps: int) -> None:
@@ -548,13 +560,13 @@ def collect_rows(scorer: Scorer) -> tuple[list[Row], dict[str, Path], dict[str, 
     return rows, folders, samplers
 
 
-def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, train_teacher: bool = False,
-        rescore: bool = False) -> list[Row]:
+def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, cores: int | None = None,
+        train_teacher: bool = False, rescore: bool = False) -> list[Row]:
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     p = prepare(out, cache, train_teacher, t2i=any(s.benchmark in TEXT for s in profile.students))
     scorer = Scorer(profile, p)
-    seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer)
+    seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer, cores=cores)
     _say("scoring the kept images and timing each sampler")
     rows, folders, samplers = collect_rows(scorer)
     measure_speed(rows, samplers)
@@ -588,6 +600,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="output folder (default: the profile's, e.g. runs/demo)")
     ap.add_argument("--cache", help=f"folder for the data and the feature extractor (default: {CACHE})")
     ap.add_argument("--jobs", type=int, default=2, help="dmd2 processes at once (one per core)")
+    ap.add_argument("--cores", type=int, default=None,
+                    help="CPU cores the dmd2 processes share (default: all this process may use); "
+                         "a command running alone gets them all as threads")
     ap.add_argument("--train-teacher", action="store_true",
                     help="retrain the teacher with dmd2.digits.teacher (cached) instead of the checked-in copy")
     ap.add_argument("--rescore", action="store_true",
@@ -595,6 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", choices=(DIGITS, T2I, FLOW),
                     help="one benchmark's rows of the profile (default folder: the profile's, suffixed -BENCHMARK)")
     args = ap.parse_args(argv)
+    for flag, value in (("--jobs", args.jobs), ("--cores", args.cores)):
+        if value is not None and value < 1:
+            ap.error(f"{flag} {value}: must be at least 1")
     profile = PROFILES[args.profile or ("bench" if args.bench else "demo")]
     if args.only:
         students = tuple(s for s in profile.students if s.benchmark == args.only)
@@ -606,7 +624,8 @@ def main(argv: list[str] | None = None) -> None:
                           teachers=tuple(t for t in profile.teachers if t.benchmark == args.only))
     out = Path(args.out).resolve() if args.out else REPO / profile.out
     cache = Path(args.cache).resolve() if args.cache else REPO / CACHE
-    run(profile, out, cache=cache, jobs=args.jobs, train_teacher=args.train_teacher, rescore=args.rescore)
+    run(profile, out, cache=cache, jobs=args.jobs, cores=args.cores, train_teacher=args.train_teacher,
+        rescore=args.rescore)
 
 
 if __name__ == "__main__":
