@@ -42,8 +42,10 @@ def run_demo(profile: str, out: Path, cache: Path) -> dict:
     cores; its report's rows by (benchmark, name, nfe). Under pytest-xdist the other workers'
     subprocesses run beside it, and a 2-thread training beside one busy core ran 15x slower than
     alone (README "The main job on CPU"), so the demo gets the cores divided by the workers."""
+    from dmd2.digits.demo import available_cores
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    cores = max(1, (os.cpu_count() or 1) // workers)
+    cores = max(1, available_cores() // workers)
     res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", profile, "--out", str(out),
                           "--cache", str(cache), "--jobs", str(min(2, cores)), "--cores", str(cores)],
                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1200)
