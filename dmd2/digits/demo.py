@@ -259,12 +259,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _threads(jobs: int, ready: int, cores: int | None = None) -> int:
+def _threads(jobs: int, ready: int, cores: int) -> int:
     """Threads for a command started while ``ready`` commands (itself included) could run now: the
-    ``cores`` (default: all this process may use) shared among them. More OpenMP threads than free
-    cores is far worse than fewer: beside one busy core a 2-thread training on 2 cores ran 15x
-    slower than alone (README "The main job on CPU"; tests/helpers.py run_demo passes --cores)."""
-    return max(1, (cores or available_cores()) // max(1, min(jobs, ready)))
+    ``cores`` shared among them. More OpenMP threads than free cores is far worse than fewer:
+    beside one busy core a 2-thread training on 2 cores ran 15x slower than alone (README "The
+    main job on CPU"; tests/helpers.py run_demo passes --cores)."""
+    return max(1, cores // max(1, min(jobs, ready)))
 
 
 def run_parallel(commands: list[tuple], jobs: int, on_done=None, cores: int | None = None) -> dict[str, float]:
@@ -273,6 +273,7 @@ def run_parallel(commands: list[tuple], jobs: int, on_done=None, cores: int | No
     at the start (e.g. to read a finished run). ``on_done(name)`` runs here after each command
     succeeds, once the next ones have started. Returns seconds per name. The first failure (of a
     command or of ``on_done``) stops the others; a command's exits with its log's tail."""
+    cores = cores or available_cores()  # default: all the CPUs this process may use
     pending, running, seconds = [tuple(c) + (None,) * (4 - len(c)) for c in commands], {}, {}
     done: list[str] = []
     while pending or running or done:
@@ -599,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="demo (default), bench, or test / test-t2i / test-flow (tests/test_digits*.py)")
     ap.add_argument("--out", help="output folder (default: the profile's, e.g. runs/demo)")
     ap.add_argument("--cache", help=f"folder for the data and the feature extractor (default: {CACHE})")
-    ap.add_argument("--jobs", type=int, default=2, help="dmd2 processes at once (one per core)")
+    ap.add_argument("--jobs", type=int, default=2, help="dmd2 processes at once")
     ap.add_argument("--cores", type=int, default=None,
                     help="CPU cores the dmd2 processes share (default: all this process may use); "
                          "a command running alone gets them all as threads")
