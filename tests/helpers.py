@@ -47,7 +47,7 @@ def run_demo(profile: str, out: Path, cache: Path) -> dict:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cores = max(1, available_cores() // workers)
     res = subprocess.run([sys.executable, "-m", "dmd2.digits.demo", "--profile", profile, "--out", str(out),
-                          "--cache", str(cache), "--jobs", str(min(2, cores)), "--cores", str(cores)],
+                          "--cache", str(cache), "--cores", str(cores)],
                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return {(r["benchmark"], r["name"], r["nfe"]): r for r in json.loads((Path(out) / "report.json").read_text())}

@@ -565,9 +565,11 @@ def collect_rows(scorer: Scorer) -> tuple[list[Row], dict[str, Path], dict[str, 
     return rows, folders, samplers
 
 
-def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int = 2, cores: int | None = None,
+def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int | None = None, cores: int | None = None,
         train_teacher: bool = False, rescore: bool = False) -> list[Row]:
     t0 = time.time()
+    cores = cores or available_cores()
+    jobs = jobs or min(2, cores)  # two commands at once, but not more than the cores they share
     out.mkdir(parents=True, exist_ok=True)
     p = prepare(out, cache, train_teacher, t2i=any(s.benchmark in TEXT for s in profile.students))
     scorer = Scorer(profile, p)
@@ -604,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="demo (default), bench, or test / test-t2i / test-flow (tests/test_digits*.py)")
     ap.add_argument("--out", help="output folder (default: the profile's, e.g. runs/demo)")
     ap.add_argument("--cache", help=f"folder for the data and the feature extractor (default: {CACHE})")
-    ap.add_argument("--jobs", type=int, default=2, help="dmd2 processes at once")
+    ap.add_argument("--jobs", type=int, default=None, help="dmd2 processes at once (default: 2, at most --cores)")
     ap.add_argument("--cores", type=int, default=None,
                     help="CPU cores the dmd2 processes share (default: all this process may use); "
                          "a command running alone gets them all as threads")
