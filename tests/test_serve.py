@@ -229,11 +229,12 @@ def test_page_in_headless_chromium_draws_what_sample_draws(sd15_run, tmp_path):
         driver = _browser(tmp_path / "chromium-profile")
         wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(url)
-        prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
-        seed = driver.find_element(By.CSS_SELECTOR, "#seed input")
-        count = driver.find_element(By.CSS_SELECTOR, "#num-images input")
-        generate = driver.find_element(By.ID, "generate")
-        assert driver.find_element(By.CSS_SELECTOR, "#timesteps textarea").get_attribute("value") == "999, 499"
+        # the whole form at once: Gradio renders it component by component, so the prompt box can be
+        # there before the seed field (a clean-clone run failed on "#seed input" that way)
+        prompt, seed, count, timesteps = wait.until(lambda d: [d.find_element(By.CSS_SELECTOR, c) for c in (
+            "#prompt textarea", "#seed input", "#num-images input", "#timesteps textarea")])
+        generate = wait.until(lambda d: d.find_element(By.ID, "generate"))
+        assert timesteps.get_attribute("value") == "999, 499"
 
         _type(prompt, "a red circle")
         _type(seed, "7")
