@@ -48,10 +48,9 @@ INCEPTION = Path("/tmp") / "inception-2015-12-05.pt"
 NO_EXTRACTOR = ("--fid needs a feature extractor and clean-fid's Inception is not in {path} and cannot be "
                 "downloaded ({why}): pass --feature-extractor PATH (a TorchScript module: N x 3 x H x W floats in "
                 "[0, 255] -> N x D features; clean-fid's inception-2015-12-05.pt works)")
-# Images per feature batch at most. clean-fid resizes every image to 299 x 299 floats (1 MB) before
-# the extractor, so --batch-size 250's 2000 made 2 GB tensors, and page-faulting them took 1 to 5 s
-# of the 4 to 9 s a 2000-image folder of digits took; at 256 it took 3.4 to 3.6 s, with the same
-# features bit for bit (each image's features do not depend on its batch).
+# folder_features' batch at most: clean-fid resizes every image to 299 x 299 floats (1 MB) first,
+# so dmd2 eval --batch-size 250's 2000 made 2 GB tensors whose page faults took 1 to 5 s of the 4 to
+# 9 s a 2000-image folder of digits took; at 256, 3.4 to 3.6 s and the same features bit for bit.
 FEATURE_BATCH = 256
 DOWNLOAD_TIMEOUT_S = 20  # per network operation: no network should fail fast, not hang
 CLIP_INSTEAD = "--clip-model PATH of a local folder holding a transformers CLIPModel and its processor"
@@ -180,7 +179,7 @@ def folder_features(folder: str | Path, extractor: Callable, protocol: Protocol 
     ``progress``: the description of clean-fid's progress bar, None for none."""
     from cleanfid.fid import get_folder_features
 
-    return get_folder_features(str(folder), extractor, num_workers=0, batch_size=batch_size,
+    return get_folder_features(str(folder), extractor, num_workers=0, batch_size=min(batch_size, FEATURE_BATCH),
                                device=torch.device(device), mode="clean", verbose=progress is not None,
                                description=progress or "", custom_image_tranform=protocol.transform)
 
@@ -361,12 +360,11 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
 
     # Rank 0 loads the metric models and reference statistics before the long part.
     extractor, refs, clipper = None, {}, None
-    feature_batch = min(batch_size * 8, FEATURE_BATCH)
     if rank == 0:
         if fid:
             extractor = (feature_extractor if isinstance(feature_extractor, FeatureExtractor)
                          else load_feature_extractor(feature_extractor, device))
-            refs = {name: reference_stats(ref, extractor, p, cache_dir=stats_cache, batch_size=feature_batch,
+            refs = {name: reference_stats(ref, extractor, p, cache_dir=stats_cache, batch_size=batch_size * 8,
                                           device=device, progress=show) for name, p in protocols.items()}
         if clip:
             clipper = load_clip(clip_model, device)
@@ -374,7 +372,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     def score(folder: Path, prefix: str) -> list[dict]:
         found = []
         for name, p in protocols.items():
-            mu, sigma = stats(folder_features(folder, extractor, p, feature_batch, device,
+            mu, sigma = stats(folder_features(folder, extractor, p, batch_size * 8, device,
                                               progress=f"{prefix}{name} features" if show else None))
             found.append({"name": prefix + name, "value": frechet_distance(mu, sigma, *refs[name])})
         if clip:
