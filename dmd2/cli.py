@@ -308,6 +308,8 @@ def eval_(
     teacher_steps: int = typer.Option(25, "--teacher-steps", min=1, help="Teacher sampling steps (with --teacher)."),
     teacher_cfg: float = typer.Option(None, "--teacher-cfg", help="Teacher CFG scale (default: the recipe's loss.cfg_scale)."),
     out: Path = typer.Option(None, "--out", help="Write the JSON report here (and to the run's wandb, if it logs there)."),
+    draw_only: bool = typer.Option(False, "--draw-only", help="Draw the images (same seeds, prompts and timesteps) into "
+                                   "--images-dir or beside --out, and score nothing: for metrics of your own."),
     all_checkpoints: bool = typer.Option(False, "--all-checkpoints", help="SOURCE is a run folder: score each of its "
                                          "committed checkpoints once, oldest first -> SOURCE/eval/step_XXXXXXXX.json, "
                                          "a row each in SOURCE/eval/eval.jsonl, the run's wandb against the step; "
@@ -336,6 +338,8 @@ def eval_(
         if teacher:
             _fail("--all-checkpoints scores the generator's checkpoints; score the teacher once with "
                   "dmd2 eval SOURCE --teacher")
+        if draw_only:
+            _fail("--all-checkpoints scores each checkpoint; --draw-only draws one: pass one of them")
     if ref_dir is not None and ref_stats is not None:
         _fail("pass --ref-dir or --ref-stats, not both")
     if ref_dir is not None and not ref_dir.is_dir():
@@ -364,7 +368,7 @@ def eval_(
             rows = evaluate_all(source, watch=watch, poll_s=poll_s, echo=typer.echo, **kwargs)
         else:
             report = evaluate(source, **kwargs, teacher_steps=teacher_steps if teacher else None,
-                              teacher_cfg=teacher_cfg, out=out, student=not teacher_only)
+                              teacher_cfg=teacher_cfg, out=out, student=not teacher_only, draw_only=draw_only)
     except UserError as e:
         _fail(str(e))
     if all_checkpoints:
@@ -378,6 +382,8 @@ def eval_(
         return
     for m in report["metrics"]:
         typer.echo(f"{m['name']}: {m['value']:.6g}")
+    if draw_only:
+        typer.echo(f"images: {report['protocol']['images']}")
 
 
 @app.command()

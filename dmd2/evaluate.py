@@ -295,7 +295,7 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
              stats_cache: str | None = None, images_dir: str | Path | None = None, teacher_steps: int | None = None,
              teacher_cfg: float | None = None, out: str | Path | None = None, device=None,
              extra_metrics: dict[str, Callable[[torch.Tensor, list], float]] | None = None,
-             ckpt: str | Path | None = None, student: bool = True) -> dict:
+             ckpt: str | Path | None = None, student: bool = True, draw_only: bool = False) -> dict:
     """Generate ``num_images`` images (image i: seed + i, prompt i of the file or class i mod C), score
     them, and do the same for the teacher if ``teacher_steps``; returns (and writes) the report.
     ``student`` False (with ``teacher_steps``): the teacher alone, the generator only read for its
@@ -304,6 +304,8 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     ``feature_extractor``: a TorchScript path, or a loaded ``FeatureExtractor``. ``extra_metrics``:
     name -> fn(images N x H x W x 3 uint8, conditions) -> float, scored beside FID and CLIP.
     ``ckpt``: score this committed checkpoint folder of the run ``source`` instead of its newest.
+    ``draw_only``: keep the images (``images_dir``, or beside ``out``) and score nothing, for metrics
+    of the caller's own (make bench-quality's judge scores them once instead of twice).
     """
     import tempfile
 
@@ -317,8 +319,12 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
     rank, world = dist_env()
     show = progress_on()  # rank 0, not --quiet
     # Everything that can be checked without models, first.
-    if not (fid or clip or extra_metrics):
-        raise UserError("nothing to measure: pass --fid and/or --clip")
+    if draw_only and (fid or clip or extra_metrics):
+        raise UserError("--draw-only scores nothing: drop --fid and --clip")
+    if draw_only and images_dir is None and out is None:
+        raise UserError("--draw-only keeps the images for your own metrics: pass --images-dir FOLDER or --out FILE")
+    if not (fid or clip or extra_metrics or draw_only):
+        raise UserError("nothing to measure: pass --fid and/or --clip (or --draw-only to keep the images alone)")
     if fid and ref is None:
         raise UserError("--fid needs --ref-dir (a folder of reference images) or --ref-stats (a statistics .npz)")
     if clip and not clip_model:

@@ -371,6 +371,17 @@ def test_eval_cli_scores_student_and_teacher(sd15_run, tmp_path, extractor_file,
                                  "cfg_scale": 1.75}
     assert sorted(p.name for p in (tmp_path / "report_images").iterdir()) == ["student", "teacher_2steps"]
     assert "fid: " in res.stdout and "teacher/clip_score: " in res.stdout
+    # --draw-only: the same images, kept for the caller's own metrics, and nothing scored
+    drawn = tmp_path / "drawn"
+    res = run_cli("eval", sd15_run, "--draw-only", "--prompts-file", REPO / "recipes" / "data" / "tiny_prompts.txt",
+                  "--num-images", 4, "--teacher", "--teacher-steps", 2, "--images-dir", drawn,
+                  "--out", tmp_path / "drawn.json")
+    assert json.loads((tmp_path / "drawn.json").read_text())["metrics"] == []
+    assert f"images: {drawn}" in res.stdout
+    for sub in ("student", "teacher_2steps"):
+        files = sorted(p.name for p in (drawn / sub).iterdir())
+        assert len(files) == 4 and all((drawn / sub / f).read_bytes() == (tmp_path / "report_images" / sub / f)
+                                       .read_bytes() for f in files)
     # --teacher-only: the same teacher rows (same seeds), no generator drawn, its old images removed
     run_cli("eval", sd15_run, "--fid", "--eval-res", 24, "--ref-dir", TINY_IMAGES, "--feature-extractor", extractor_file,
             "--stats-cache", tmp_path / "c", "--prompts-file", REPO / "recipes" / "data" / "tiny_prompts.txt",
@@ -465,6 +476,9 @@ def test_one_line_errors(sd15_run, classcond_run, tmp_path, extractor_file):
                                       "--timesteps", "999,x")
     assert "pass --prompt or --prompts-file" in cli_error("sample", sd15_run, "--out", tmp_path / "o")
     assert "--fid needs --ref-dir" in cli_error("eval", sd15_run, "--fid", "--prompts-file", "x.txt")
+    assert "--draw-only scores nothing: drop --fid" in cli_error("eval", sd15_run, "--draw-only", "--fid",
+                                                                 "--out", tmp_path / "r.json")
+    assert "--draw-only keeps the images" in cli_error("eval", sd15_run, "--draw-only")
     assert "--ref-dir" in cli_error("eval", sd15_run, "--fid", "--ref-dir", tmp_path / "nope")
     assert "--clip-model 'no/such-model'" in cli_error("eval", sd15_run, "--clip", "--clip-model", "no/such-model",
                                                       "--prompts-file", REPO / "recipes/data/tiny_prompts.txt",
