@@ -22,12 +22,12 @@ Three benchmarks, one report (rows carry ``benchmark``):
    ``runs/digits/``, keyed by a hash of its settings) and the label classifier.
 2. ``dmd2 train`` for each student recipe, the same command and code path as SDXL; two runs at a
    time (one per core), the longest first.
-3. ``dmd2 eval --fid [--teacher-only]`` per row (the longest first), which keeps its images: each student at all its
+3. ``dmd2 eval --draw-only [--teacher-only]`` per row (the longest first), which keeps its images: each student at all its
    timesteps, multi-step ones also at all but the last (``_first3``) and at their checkpoint a
    quarter of the way (``_quarter``); each teacher row (``--teacher-only``) from the run folder
-   of a student of its benchmark. Precision/recall and label accuracy are computed here from those
-   same images, as each eval ends, while the other commands run.
-4. ``dmd2 sample`` grids, ``<out>/report.json`` (one row per sampler), ``<out>/grid.png`` and the
+   of a student of its benchmark. FID, precision/recall and label accuracy are computed here from
+   those images, as each eval ends, while the other commands run.
+4. ``dmd2 sample`` grids (make demo), ``<out>/report.json`` (one row per sampler), ``<out>/grid.png`` and the
    table; the profile's targets are checked and a miss exits 1.
 """
 
@@ -437,10 +437,11 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
             extra += ["--teacher-only", "--teacher-steps", str(e.teacher.nfe)]
             if e.student.benchmark in TEXT:
                 extra += ["--teacher-cfg", str(e.teacher.cfg or teacher_cfg(e.student.benchmark))]
-        return ["eval", str(run.resolve()), "--fid", "--feature-extractor", str(p.features.resolve()),
-                "--ref-dir", str((p.data / "train").resolve()), "--num-images", str(profile.num_images),
-                "--seed", "0", "--batch-size", "250", "--stats-cache", str((p.out / "fid_stats").resolve()),
-                "--images-dir", str((p.out / "eval" / e.name).resolve()),
+        # --draw-only: the demo's Judge takes FID with precision and recall from one pass of features
+        # over the kept images (the same features and FID, bit for bit, as dmd2 eval --fid with the
+        # same extractor), so each image folder is read once instead of twice
+        return ["eval", str(run.resolve()), "--draw-only", "--num-images", str(profile.num_images),
+                "--seed", "0", "--batch-size", "250", "--images-dir", str((p.out / "eval" / e.name).resolve()),
                 "--out", str((p.out / "eval" / f"{e.name}.json").resolve()), *extra]
 
     after = (lambda s: None) if rescore else (lambda s: f"train {_key(s)}")
@@ -523,14 +524,12 @@ class Scorer:
             return
         p = self.p
         report = json.loads((p.out / "eval" / f"{e.name}.json").read_text())
-        fid = {m["name"]: m["value"] for m in report["metrics"]}
         base = p.out / "eval" / e.name
         if e.teacher is not None:
-            folder, value, nfe, steps = base / f"teacher_{e.teacher.nfe}steps", fid["teacher/fid"], e.teacher.nfe, None
+            folder, nfe, steps = base / f"teacher_{e.teacher.nfe}steps", e.teacher.nfe, None
         else:
-            folder, value, nfe, steps = base / "student", fid["fid"], len(report["protocol"]["timesteps"]), report["step"]
-        row, folder = self.judge.score(e.row, nfe, folder, value, self.profile.num_images, e.student.benchmark,
-                                       steps=steps)
+            folder, nfe, steps = base / "student", len(report["protocol"]["timesteps"]), report["step"]
+        row, folder = self.judge.score(e.row, nfe, folder, self.profile.num_images, e.student.benchmark, steps=steps)
         sampler = None
         if e.teacher is not None:
             cfg = report["teacher"]["cfg_scale"] or 1.0  # the guidance it was drawn with (classcond: None)
@@ -541,9 +540,9 @@ class Scorer:
 
 
 def collect_rows(scorer: Scorer) -> tuple[list[Row], dict[str, Path], dict[str, Sampler]]:
-    """One row per sampler (digits: FID from the eval reports; digits-t2i: the images reduced to
-    8 x 8 grey and FID taken here, in the same feature space; precision, recall and label accuracy
-    from the same images), the real-vs-real floor of each benchmark; the image folder and the
+    """One row per sampler (FID, precision, recall and label accuracy taken here from the images
+    ``dmd2 eval --draw-only`` kept; the text benchmarks' reduced to 8 x 8 grey first, into the same
+    feature space), the real-vs-real floor of each benchmark; the image folder and the
     sampler of each row (by ``Row.key``). The rows ``scorer`` has already scored are kept."""
     profile, p = scorer.profile, scorer.p
     rows, folders, samplers = [], {}, {}
@@ -576,7 +575,7 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int | None = 
     seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer, cores=cores)
     _say("scoring the kept images and timing each sampler")
     rows, folders, samplers = collect_rows(scorer)
-    measure_speed(rows, samplers)
+    measure_speed(rows, samplers, workers=cores)  # every command has ended: all the cores are free
     (out / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     grid = comparison_grid(rows, folders, out / "grid.png")
     wall = time.time() - t0

@@ -1,13 +1,18 @@
 """The demo's table: one row per sampler, scored from the images ``dmd2 eval`` kept, and the
 quality targets in the README ("The main job on CPU").
 
-FID comes from ``dmd2 eval`` (clean-fid with the digits feature extractor); precision/recall
-(k = 3) use the same features of the same images (``dmd2.evaluate.folder_features``), and label
-accuracy the held-out SVM of ``classifiers``.
+The images come from ``dmd2 eval --draw-only``; FID (clean-fid's features with the digits feature
+extractor, ``dmd2.evaluate.folder_features``, as ``dmd2 eval --fid`` takes it) and precision/recall
+(k = 3) come from one pass of features over them, and label accuracy from the held-out SVM of
+``classifiers``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,46 +60,42 @@ class Judge:
         self.real = folder_features(train_dir, self.extractor, batch_size=500)
         self.labels = classifiers.train_label_classifier(read_class_folders(train_dir))
 
-    def _row(self, name: str, nfe: int, folder: Path, fid: float | None, images: np.ndarray, labels: np.ndarray,
-             **kw) -> Row:
-        """Precision/recall and, when ``fid`` is None, FID from one pass of features over ``folder``."""
+    def _row(self, name: str, nfe: int, folder: Path, images: np.ndarray, labels: np.ndarray, **kw) -> Row:
+        """FID, precision and recall from one pass of features over ``folder``."""
         from ..evaluate import folder_features, frechet_distance, stats
         from . import classifiers
         from .metrics import precision_recall
 
         feats = folder_features(folder, self.extractor, batch_size=500)
-        if fid is None:
-            fid = frechet_distance(*stats(feats), *stats(self.real))
+        fid = frechet_distance(*stats(feats), *stats(self.real))
         prec, rec = precision_recall(self.real, feats)
         acc = float((classifiers.predict_labels(self.labels, images) == labels).mean())
         return Row(name, nfe, fid, prec, rec, acc, None, **kw)
 
-    def row(self, name: str, nfe: int, folder: Path, fid: float | None, n: int, **kw) -> Row:
+    def row(self, name: str, nfe: int, folder: Path, n: int, **kw) -> Row:
         """A sampler's row from its ``n`` images ``folder/{i:06d}.png``; image i has class i mod C
-        (digits-t2i: prompt i mod 60, whose digit is i mod 10). ``fid`` None: measured here."""
+        (digits-t2i: prompt i mod 60, whose digit is i mod 10)."""
         from ..generate import load_images
 
         images = load_images(folder, range(n)).numpy()
-        return self._row(name, nfe, folder, fid, images, np.arange(n) % NUM_CLASSES, **kw)
+        return self._row(name, nfe, folder, images, np.arange(n) % NUM_CLASSES, **kw)
 
-    def score(self, name: str, nfe: int, folder: Path, eval_fid: float, n: int, benchmark: str,
-              **kw) -> tuple[Row, Path]:
-        """The row of images ``dmd2 eval`` kept in ``folder``, and the folder it judged: digits use
-        the eval's FID; digits-t2i's 16 px images are reduced to 8 x 8 grey first (``<folder>_8px``)
-        and FID is taken here, in the same feature space."""
+    def score(self, name: str, nfe: int, folder: Path, n: int, benchmark: str, **kw) -> tuple[Row, Path]:
+        """The row of the images ``dmd2 eval --draw-only`` kept in ``folder``, and the folder it
+        judged: FID, precision and recall from one pass of features; digits-t2i's (digits-flow's)
+        16 px images are reduced to 8 x 8 grey first (``<folder>_8px``), into the same feature space."""
         if benchmark in TEXT:
             from .t2i import downscale_folder
 
             folder = downscale_folder(folder, folder.with_name(folder.name + "_8px"), n)
-            eval_fid = None
-        return self.row(name, nfe, folder, eval_fid, n, benchmark=benchmark, **kw), folder
+        return self.row(name, nfe, folder, n, benchmark=benchmark, **kw), folder
 
     def floor(self, heldout_dir: Path, benchmark: str = DIGITS) -> Row:
         """The real-vs-real floor: held-out digits against the training digits, measured the same way."""
         from .data import read_class_folders
 
         images, labels = read_class_folders(heldout_dir)
-        return self._row("real_heldout", 0, heldout_dir, None, images, labels, benchmark=benchmark)
+        return self._row("real_heldout", 0, heldout_dir, images, labels, benchmark=benchmark)
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,78 @@ class Sampler:
     cfg: float = 1.0
 
 
-def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500, n_slow: int = 100) -> None:
+def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500, n_slow: int = 100,
+                  workers: int = 1) -> None:
     """images/s of each sampler (``samplers`` by ``Row.key``) on one core: ``n`` images in one
     batch, after a warm-up; ``n_slow`` for a teacher at 50 steps or more. Why: 500 images of
     digits-flow's teacher at 50 steps with CFG take a minute alone, and the bench's 60-minute budget
     is tight; at 100 it measured 7.9-9.8 images/s against 7.3 at 500 (one core, run alone), so
-    those rows read up to a quarter faster than they would at 500."""
+    those rows read up to a quarter faster than they would at 500.
+
+    ``workers`` > 1 times the samplers in that many processes at once, one thread and one core
+    each, each taking the next sampler as it finishes one: this runs after every command has ended,
+    so a single process held the other cores idle for its minute or more at the end of make
+    bench-quality. Two single-thread processes side by side on this machine's 2 cores ran at the
+    speed of one alone (README, "The main job on CPU"). The workers are fresh interpreters
+    (``python -c``, as the demo runs its commands), not multiprocessing's, whose spawn re-runs the
+    caller's main script in each worker."""
+    import selectors
+
+    # the longest first (the 50-step teachers), so that no long one starts last
+    jobs = sorted(((r.key, r.benchmark, r.nfe, str(samplers[r.key].path), samplers[r.key].teacher,
+                    samplers[r.key].cfg, n_slow if samplers[r.key].teacher and r.nfe >= 50 else n)
+                   for r in rows if r.key in samplers), key=lambda j: -j[2] * (2 if j[4] and j[5] != 1 else 1))
+    workers = max(1, min(workers, len(jobs)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # a worker answers each job with one line on its stdout, which nothing else writes to: a
+    # library's own prints go to stderr (one reply per job, so no reply waits in a read buffer)
+    code = ("import json, os, sys; out = os.fdopen(os.dup(1), 'w'); os.dup2(2, 1); sys.stdout = sys.stderr\n"
+            "from dmd2.digits.report import time_sampler\n"
+            "for line in sys.stdin: print(json.dumps(time_sampler(*json.loads(line))), file=out, flush=True)")
+    sel = selectors.DefaultSelector()
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=env, text=True, bufsize=1) for _ in range(workers)]
+    for proc in procs:
+        sel.register(proc.stdout, selectors.EVENT_READ, proc)
+    speeds, busy = {}, 0
+
+    def give(proc) -> None:
+        nonlocal busy
+        if jobs:
+            proc.stdin.write(json.dumps(jobs.pop(0)) + "\n")
+            busy += 1
+        else:  # no more work: it exits; its end of output is not a death
+            proc.stdin.close()
+            sel.unregister(proc.stdout)
+
+    try:
+        for proc in procs:
+            give(proc)
+        while busy:
+            for key, _ in sel.select():
+                line = key.fileobj.readline()
+                if not line:
+                    raise RuntimeError(f"timing the samplers: a worker exited ({key.data.wait()}); its stderr is above")
+                k, v = json.loads(line)
+                speeds[k] = v
+                busy -= 1
+                give(key.data)
+    finally:
+        for proc in procs:
+            if busy:  # an error: stop the others
+                proc.kill()
+            proc.wait()
+    for r in rows:
+        if r.key in speeds:
+            r.images_per_s = speeds[r.key]
+
+
+_TEACHERS: dict = {}  # one load per teacher folder in a process, whatever the rows at other step counts
+
+
+def time_sampler(key: str, benchmark: str, nfe: int, path: str, teacher: bool, cfg: float, m: int) -> list:
+    """[``key``, images/s] of one sampler drawing ``m`` images in one batch on this process's threads,
+    after a warm-up of 8."""
     import torch
 
     from ..generate import choose_timesteps, draw, teacher_draw
@@ -119,36 +186,29 @@ def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500, n
     from ..models.student import load_student
     from .t2i import IMAGE_SIZE, check_prompts
 
-    torch.set_num_threads(1)
-    seeds = list(range(n))
-    teachers = {}  # one load per teacher folder, whatever the rows at other step counts
-    for r in rows:
-        s = samplers.get(r.key)
-        if s is None:
-            continue
-        conds = check_prompts(n) if r.benchmark in TEXT else [i % NUM_CLASSES for i in range(n)]
-        if s.teacher:
-            if s.path not in teachers:
-                teachers[s.path] = load_teacher(str(s.path))
-            teacher = teachers[s.path]
-            size = IMAGE_SIZE if r.benchmark in TEXT else RESOLUTION
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    seeds = list(range(m))
+    conds = check_prompts(m) if benchmark in TEXT else [i % NUM_CLASSES for i in range(m)]
+    if teacher:
+        if path not in _TEACHERS:
+            _TEACHERS[path] = load_teacher(path)
+        size = IMAGE_SIZE if benchmark in TEXT else RESOLUTION
 
-            def go(m, r=r, s=s, teacher=teacher, conds=conds, size=size):
-                for _ in teacher_draw(teacher, conds, seeds, r.nfe, range(m), m, cfg_scale=s.cfg,
-                                      resolution=size, device="cpu"):
-                    pass
-        else:
-            gen = load_student(s.path)
-            ts = choose_timesteps(gen.timesteps, r.nfe)
+        def go(k):
+            for _ in teacher_draw(_TEACHERS[path], conds, seeds, nfe, range(k), k, cfg_scale=cfg,
+                                  resolution=size, device="cpu"):
+                pass
+    else:
+        gen = load_student(path)
+        ts = choose_timesteps(gen.timesteps, nfe)
 
-            def go(m, gen=gen, ts=ts, conds=conds):
-                for _ in draw(gen, conds, seeds, ts, range(m), m):
-                    pass
-        m = n_slow if s.teacher and r.nfe >= 50 else n
-        go(8)
-        t0 = time.perf_counter()
-        go(m)
-        r.images_per_s = m / (time.perf_counter() - t0)
+        def go(k):
+            for _ in draw(gen, conds, seeds, ts, range(k), k):
+                pass
+    go(8)
+    t0 = time.perf_counter()
+    go(m)
+    return [key, m / (time.perf_counter() - t0)]
 
 
 def comparison_grid(rows: list[Row], folders: dict[str, Path], path: Path, per_class: int = 2, scale: int = 4) -> Path:

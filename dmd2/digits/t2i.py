@@ -563,7 +563,7 @@ def check_teacher(folder: str | Path = CHECKED_IN, out: str | Path = "runs/digit
             for i, img in zip(chunk, downscale(images), strict=True):
                 Image.fromarray(img).save(d / f"{i:06d}.png")
         seconds = time.time() - tic
-        row = judge.row(name, steps, d, None, c.num_images)
+        row = judge.row(name, steps, d, c.num_images)
         row.images_per_s = c.num_images / seconds
         rows.append(row)
         results[name] = {"steps": steps, "guidance_scale": scale, "fid": row.fid, "precision": row.precision,
