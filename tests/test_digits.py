@@ -293,7 +293,21 @@ def test_bench_starts_its_longest_evals_first():
     from dmd2.digits.demo import PROFILES, _eval_cost, eval_plan
 
     plan = sorted(eval_plan(PROFILES["bench"]), key=_eval_cost, reverse=True)
-    first = [(e.student.benchmark, e.row, e.teacher.nfe if e.teacher else None) for e in plan[:3]]
+    first = [(e.student.benchmark, e.row, e.teacher.nfe if e.teacher else None) for e in plan[:4]]
     assert first == [("digits-flow", "teacher_cfg", 50), ("digits-t2i", "teacher_cfg", 50),
-                     ("digits-flow", "teacher_nocfg", 50)], first
-    assert all(e.teacher is None or e.teacher.nfe <= 4 for e in plan[6:])
+                     ("digits-t2i", "teacher_nocfg", 50), ("digits", "teacher", 50)], first
+    assert all(e.teacher is None or e.teacher.nfe <= 4 for e in plan[4:])
+
+
+def test_measure_speed_times_each_sampler_in_its_worker_processes():
+    """The bench times its samplers in one single-thread process per core, each taking the next
+    sampler when it is done: every row gets its own images/s, and a row with no sampler none."""
+    from dmd2.digits.demo import CHECKED_IN_TEACHER
+    from dmd2.digits.report import Row, Sampler, measure_speed
+
+    rows = [Row("teacher", k, 0.0, 0.0, 0.0, 0.0, None) for k in (1, 2, 4)] + \
+        [Row("real_heldout", 0, 0.0, 0.0, 0.0, 0.0, None)]
+    samplers = {r.key: Sampler(CHECKED_IN_TEACHER, True) for r in rows[:3]}
+    measure_speed(rows, samplers, n=16, workers=2)
+    speeds = [r.images_per_s for r in rows]
+    assert all(s is not None and 0 < s < float("inf") for s in speeds[:3]) and speeds[3] is None, speeds
