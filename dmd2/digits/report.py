@@ -128,6 +128,8 @@ def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500, n
     jobs = sorted(((r.key, r.benchmark, r.nfe, str(samplers[r.key].path), samplers[r.key].teacher,
                     samplers[r.key].cfg, n_slow if samplers[r.key].teacher and r.nfe >= 50 else n)
                    for r in rows if r.key in samplers), key=lambda j: -j[2] * (2 if j[4] and j[5] != 1 else 1))
+    if not jobs:
+        return
     workers = max(1, min(workers, len(jobs)))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     # a worker answers each job with one line on its stdout, which nothing else writes to: a
