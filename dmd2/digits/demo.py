@@ -159,9 +159,9 @@ PROFILES = {
         # 4.52 (6.69, 5.42) over 500, for 20% less of its 380 core-seconds
         Student("student_4step", "recipes/digits_flow_4step.yaml", FLOW, 400, quarter=True, first=True)),
         # digits-flow's teacher without CFG is in its own record (digits_flow_teacher.json, written by
-        # dmd2.digits.flow --check), and no target reads it: redrawing it (about 180 core-seconds at 50
-        # steps) is left out of the 60-minute budget, as are the dmd2 sample grids (grid_images=0, about
-        # 80 core-seconds; grid.png shows every row's images, and make demo keeps the grids)
+        # dmd2.digits.flow --check), and no target reads it: redrawing it (144 core-seconds at 8774b25) is
+        # left out of the 60-minute budget, as are the dmd2 sample grids (grid_images=0; 80 core-seconds
+        # at 8774b25; grid.png shows every row's images, and make demo keeps the grids)
         _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1, 4, 50), (50,)) + _teachers(FLOW, (1, 4, 50)),
         2000, "bench", grid_images=0, budget_s=3600),
     # tests/test_digits.py: the 1-step students, briefly trained, against the 1-call teachers.
@@ -458,9 +458,10 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
     # minutes at the end of the bench while the other core idled (README, make bench-quality)
     eval_cmds = [(e.name, lambda e=e: eval_args(e), p.out / "logs" / f"eval_{e.name}.log", after(e.student))
                  for e in sorted(eval_plan(profile), key=_eval_cost, reverse=True)]
-    if not profile.grid_images:  # no grids from an earlier run beside this run's report
+    grids = profile.students if profile.grid_images else ()
+    if not grids:  # no grids from an earlier run beside this run's report
         shutil.rmtree(p.out / "samples", ignore_errors=True)
-    for s in profile.students if profile.grid_images else ():
+    for s in grids:
         cond = ["--labels", "all"] if s.benchmark == DIGITS else ["--prompts-file", str(PROMPTS_FILE)]
         args = ["sample", str(p.runs[_key(s)].resolve()), *cond, "--num-images", str(profile.grid_images),
                 "--batch-size", "100", "--out", str((p.out / "samples" / f"{s.benchmark}_{s.name}").resolve()),

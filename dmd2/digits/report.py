@@ -9,10 +9,7 @@ extractor, ``dmd2.evaluate.folder_features``, as ``dmd2 eval --fid`` takes it) a
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,85 +116,51 @@ def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500, n
     each, each taking the next sampler as it finishes one: this runs after every command has ended,
     so a single process held the other cores idle for its minute or more at the end of make
     bench-quality. Two single-thread processes side by side on this machine's 2 cores ran at the
-    speed of one alone (README, "The main job on CPU"). The workers are fresh interpreters
-    (``python -c``, as the demo runs its commands), not multiprocessing's, whose spawn re-runs the
-    caller's main script in each worker."""
-    import selectors
+    speed of one alone (README, "The main job on CPU")."""
+    # the longest first (the 50-step teachers, two calls a step with CFG), so no long one starts last
+    timed = sorted((r for r in rows if r.key in samplers),
+                   key=lambda r: -r.nfe * (2 if samplers[r.key].teacher and samplers[r.key].cfg != 1 else 1))
+    jobs = [(r.key, r.benchmark, r.nfe, str(samplers[r.key].path), samplers[r.key].teacher, samplers[r.key].cfg,
+             n_slow if samplers[r.key].teacher and r.nfe >= 50 else n) for r in timed]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    # the longest first (the 50-step teachers), so that no long one starts last
-    jobs = sorted(((r.key, r.benchmark, r.nfe, str(samplers[r.key].path), samplers[r.key].teacher,
-                    samplers[r.key].cfg, n_slow if samplers[r.key].teacher and r.nfe >= 50 else n)
-                   for r in rows if r.key in samplers), key=lambda j: -j[2] * (2 if j[4] and j[5] != 1 else 1))
-    if not jobs:
-        return
-    workers = max(1, min(workers, len(jobs)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    # a worker answers each job with one line on its stdout, which nothing else writes to: a
-    # library's own prints go to stderr (one reply per job, so no reply waits in a read buffer)
-    code = ("import json, os, sys; out = os.fdopen(os.dup(1), 'w'); os.dup2(2, 1); sys.stdout = sys.stderr\n"
-            "from dmd2.digits.report import time_sampler\n"
-            "for line in sys.stdin: print(json.dumps(time_sampler(*json.loads(line))), file=out, flush=True)")
-    sel = selectors.DefaultSelector()
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              env=env, text=True, bufsize=1) for _ in range(workers)]
-    for proc in procs:
-        sel.register(proc.stdout, selectors.EVENT_READ, proc)
-    speeds, busy = {}, 0
-
-    def give(proc) -> None:
-        nonlocal busy
-        if jobs:
-            proc.stdin.write(json.dumps(jobs.pop(0)) + "\n")
-            busy += 1
-        else:  # no more work: it exits; its end of output is not a death
-            proc.stdin.close()
-            sel.unregister(proc.stdout)
-
-    try:
-        for proc in procs:
-            give(proc)
-        while busy:
-            for key, _ in sel.select():
-                line = key.fileobj.readline()
-                if not line:
-                    raise RuntimeError(f"timing the samplers: a worker exited ({key.data.wait()}); its stderr is above")
-                k, v = json.loads(line)
-                speeds[k] = v
-                busy -= 1
-                give(key.data)
-    finally:
-        for proc in procs:
-            if busy:  # an error: stop the others
-                proc.kill()
-            proc.wait()
+        # spawn: fresh interpreters, not forks of this one with its threads and loaded models
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            speeds = dict(pool.map(time_sampler, *zip(*jobs, strict=True)))
+    else:
+        speeds = dict(time_sampler(*job) for job in jobs)
     for r in rows:
         if r.key in speeds:
             r.images_per_s = speeds[r.key]
 
 
-_TEACHERS: dict = {}  # one load per teacher folder in a process, whatever the rows at other step counts
+@functools.cache
+def _teacher(path: str):
+    """One load per teacher folder in a process, whatever the rows at other step counts."""
+    from ..models import load_teacher
+
+    return load_teacher(path)
 
 
-def time_sampler(key: str, benchmark: str, nfe: int, path: str, teacher: bool, cfg: float, m: int) -> list:
-    """[``key``, images/s] of one sampler drawing ``m`` images in one batch on this process's threads,
-    after a warm-up of 8."""
+def time_sampler(key: str, benchmark: str, nfe: int, path: str, teacher: bool, cfg: float, m: int) -> tuple:
+    """(``key``, images/s) of one sampler drawing ``m`` images in one batch on one thread, after a
+    warm-up of 8."""
     import torch
 
     from ..generate import choose_timesteps, draw, teacher_draw
-    from ..models import load_teacher
     from ..models.student import load_student
     from .t2i import IMAGE_SIZE, check_prompts
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(1)
     seeds = list(range(m))
     conds = check_prompts(m) if benchmark in TEXT else [i % NUM_CLASSES for i in range(m)]
     if teacher:
-        if path not in _TEACHERS:
-            _TEACHERS[path] = load_teacher(path)
         size = IMAGE_SIZE if benchmark in TEXT else RESOLUTION
 
         def go(k):
-            for _ in teacher_draw(_TEACHERS[path], conds, seeds, nfe, range(k), k, cfg_scale=cfg,
+            for _ in teacher_draw(_teacher(path), conds, seeds, nfe, range(k), k, cfg_scale=cfg,
                                   resolution=size, device="cpu"):
                 pass
     else:
@@ -210,7 +173,7 @@ def time_sampler(key: str, benchmark: str, nfe: int, path: str, teacher: bool, c
     go(8)
     t0 = time.perf_counter()
     go(m)
-    return [key, m / (time.perf_counter() - t0)]
+    return key, m / (time.perf_counter() - t0)
 
 
 def comparison_grid(rows: list[Row], folders: dict[str, Path], path: Path, per_class: int = 2, scale: int = 4) -> Path:
