@@ -411,8 +411,11 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
         else:
             args += [f"data.real_images={p.t2i_data.resolve()}"]
         args.append(f"train.max_steps={_max_steps(s)}")
-        if s.quarter:  # a checkpoint at a quarter of the run, kept
-            args += [f"train.checkpoint_every={_max_steps(s) // 4}", "train.keep_last=4"]
+        if s.quarter:  # a checkpoint at a quarter of the run, kept: keep every checkpoint the run writes
+            # (one each `quarter` steps, and the last one when the steps are not a multiple of it)
+            quarter = _max_steps(s) // 4
+            kept = -(-_max_steps(s) // quarter)
+            args += [f"train.checkpoint_every={quarter}", f"train.keep_last={kept}"]
         after = None
         if s.pairs is not None:  # draw the pairs first (fresh, as the runs; first in line: a chain waits on them)
             pairs = p.out / f"{s.benchmark}_pairs"
