@@ -311,3 +311,16 @@ def test_measure_speed_times_each_sampler_in_its_worker_processes():
     measure_speed(rows, samplers, n=16, workers=2)
     speeds = [r.images_per_s for r in rows]
     assert all(s is not None and 0 < s < float("inf") for s in speeds[:3]) and speeds[3] is None, speeds
+
+
+def test_quarter_checkpoint_is_kept_whatever_the_steps():
+    """A 1750-step run saves at 437, 874, 1311, 1748 and its end (dmd2/train.py saves every
+    checkpoint_every steps and at max_steps): keep_last must keep all five, or the _quarter eval
+    finds no checkpoint at 437."""
+    from dmd2.digits.demo import quarter_args
+
+    for steps in (7, 300, 400, 1750, 2000):
+        every, keep = (int(a.split("=")[1]) for a in quarter_args(steps))
+        saved = [d for d in range(1, steps + 1) if d % every == 0 or d == steps]
+        assert every == steps // 4 and saved[-keep:][0] == steps // 4, (steps, saved, keep)
+    assert quarter_args(2000) == ["train.checkpoint_every=500", "train.keep_last=4"]

@@ -367,6 +367,13 @@ def eval_plan(profile: Profile) -> list[Eval]:
     return plan
 
 
+def quarter_args(steps: int) -> list[str]:
+    """The train overrides that keep a checkpoint at a quarter of a ``steps``-step run: one every
+    quarter, all of them kept (the last is the run's end, a fifth when ``steps`` is not a multiple of 4)."""
+    quarter = steps // 4
+    return [f"train.checkpoint_every={quarter}", f"train.keep_last={-(-steps // quarter)}"]
+
+
 def quarter_copy(run: Path, quarter: int) -> Path:
     """The run folder as it stood at step ``quarter``: a copy without the later checkpoints."""
     from .. import checkpoint
@@ -411,11 +418,8 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
         else:
             args += [f"data.real_images={p.t2i_data.resolve()}"]
         args.append(f"train.max_steps={_max_steps(s)}")
-        if s.quarter:  # a checkpoint at a quarter of the run, kept: keep every checkpoint the run writes
-            # (one each `quarter` steps, and the last one when the steps are not a multiple of it)
-            quarter = _max_steps(s) // 4
-            kept = -(-_max_steps(s) // quarter)
-            args += [f"train.checkpoint_every={quarter}", f"train.keep_last={kept}"]
+        if s.quarter:
+            args += quarter_args(_max_steps(s))
         after = None
         if s.pairs is not None:  # draw the pairs first (fresh, as the runs; first in line: a chain waits on them)
             pairs = p.out / f"{s.benchmark}_pairs"
