@@ -132,32 +132,36 @@ PROFILES = {
                     # digits-t2i's teacher at its student's calls only: its 50-step CFG row (1.5 min to
                     # draw and time) is make bench-quality's, and keeps make demo under 10 minutes
                     _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1,)), 1000, "demo", budget_s=600),
-    # The 1-step student at batch 256 for 1500 steps (the compute of 3000 at the recipe's 128):
-    # FID 1.00 at n=2000 against the teacher's 1.09 at 50 calls (README, make bench-quality).
+    # The 1-step student at batch 256 for 1200 steps (the compute of 2400 at the recipe's 128): FID
+    # 0.965 at n=2000 against the teacher's 1.09 at 50 calls; 1500 gave 1.002, 1000 1.447 (README,
+    # "Steps for a 60-minute bench"). The 4-step student keeps 2000: 1800 gave 0.989, over 0.965.
     "bench": Profile("runs/bench-quality", (
-        Student("student_1step", "recipes/digits_1step.yaml", DIGITS, 1500, ("train.batch_size=256",)),
+        Student("student_1step", "recipes/digits_1step.yaml", DIGITS, 1200, ("train.batch_size=256",)),
         Student("student_4step", "recipes/digits_4step.yaml", DIGITS, 2000, quarter=True, first=True),
         # digits-t2i's 1-step students at twice the recipe's rates: over 1000 steps the cold one gave
         # FID 3.95 at n=2000 against 5.34 at the recipe's rates, as good as 2000 steps at those
         # (3.82) in half the time (README, "digits-t2i's 1-step students at twice the rates").
         Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 1000, _T2I_1STEP_RATES),
-        # digits-t2i's 4-step student at batch 64 over 2000 steps (the images of 1000 at the recipe's
-        # 128, twice the generator updates): on one machine it beat the recipe's batch at three of four
-        # seeds (mean 3.87 against 4.45) and its 1-step student at four of five (README, "Missed targets")
-        Student("student_4step", "recipes/digits_t2i_4step.yaml", T2I, 2000, ("train.batch_size=64",), quarter=True,
+        # digits-t2i's 4-step student at batch 64 (twice the recipe's generator updates per image): on
+        # one machine it beat the recipe's batch at three of four seeds (mean 3.87 against 4.45) and its
+        # 1-step student at four of five (README, "Missed targets"). Over 1750 steps: FID 3.84 (first
+        # three steps 5.16) against its 1-step student's 3.95; 2000 gave 3.54 (3.57), 1500 4.04, over
+        # it (README, "Steps for a 60-minute bench")
+        Student("student_4step", "recipes/digits_t2i_4step.yaml", T2I, 1750, ("train.batch_size=64",), quarter=True,
                 first=True),
         # the authors' 1-step SDXL warm start: ODE pairs, the regression stage, then DMD2 from it
-        # at the cold student's steps and rates, so the two compare
+        # at the cold student's steps and rates, so the two compare. Shorter measured worse than the
+        # cold student: 750 DMD2 steps FID 5.93; 500 regression steps recall 0.829 against its 0.831
         Student("regression_only", "recipes/digits_t2i_1step_regression.yaml", T2I, pairs=(1000, 25)),
         Student("student_1step_warm", "recipes/digits_t2i_1step_warm.yaml", T2I, 1000, _T2I_1STEP_RATES,
                 init="regression_only"),
-        # the flow-matching (SD3) path; the 1-step student over 600 of its recipe's 1000 steps (cosine
-        # over 600): FID 6.01 at n=2000 (label accuracy 0.992, recall 0.793), 750 gave 6.65 and 1000
-        # 6.62, all far under the teacher's 9.73 at 50 calls, for 40% less of its 520 core-seconds
-        Student("student_1step", "recipes/digits_flow_1step.yaml", FLOW, 600),
-        # the 4-step student over 400 of its recipe's 500 steps: 4.65 (first3 5.51, quarter 7.97) against
-        # 4.52 (6.69, 5.42) over 500, for 20% less of its 380 core-seconds
-        Student("student_4step", "recipes/digits_flow_4step.yaml", FLOW, 400, quarter=True, first=True)),
+        # the flow-matching (SD3) path; the 1-step student over 300 of its recipe's 1000 steps (cosine
+        # over 300): FID 6.42 at n=2000 (label accuracy 0.984, recall 0.819); 400 gave 8.02, 600 6.01,
+        # 750 6.65, 1000 6.62, all far under the teacher's 9.73 at 50 calls
+        Student("student_1step", "recipes/digits_flow_1step.yaml", FLOW, 300),
+        # the 4-step student over 300 of its recipe's 500 steps: 4.67 (first3 4.71, quarter 18.58); 400
+        # gave 4.65 (5.51, 7.97), 500 4.52 (6.69, 5.42)
+        Student("student_4step", "recipes/digits_flow_4step.yaml", FLOW, 300, quarter=True, first=True)),
         # digits-flow's teacher without CFG is in its own record (digits_flow_teacher.json, written by
         # dmd2.digits.flow --check), and no target reads it: redrawing it (144 core-seconds at 8774b25) is
         # left out of the 60-minute budget, as are the dmd2 sample grids (grid_images=0; 80 core-seconds
