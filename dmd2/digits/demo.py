@@ -595,7 +595,18 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int | None = 
     out.mkdir(parents=True, exist_ok=True)
     p = prepare(out, cache, train_teacher, t2i=any(s.benchmark in TEXT for s in profile.students))
     scorer = Scorer(profile, p)
-    seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer, cores=cores)
+    import torch
+
+    threads = torch.get_num_threads()
+    # The scoring done here while the commands run (Scorer) shares the cores they hold: at
+    # more than one thread its OpenMP threads beside two busy cores run far slower than one
+    # (_threads) and spin on the cores the commands need. One thread scores the same rows to the
+    # bit; the scoring after the last command, on free cores, gets them all back.
+    torch.set_num_threads(1)
+    try:
+        seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer, cores=cores)
+    finally:
+        torch.set_num_threads(threads)
     _say("scoring the kept images and timing each sampler")
     rows, folders, samplers = collect_rows(scorer)
     measure_speed(rows, samplers, workers=cores)  # every command has ended: all the cores are free
