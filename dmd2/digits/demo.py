@@ -598,10 +598,11 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int | None = 
     import torch
 
     threads = torch.get_num_threads()
-    # The scoring done here while the commands run (Scorer) shares the cores they hold: at
-    # more than one thread its OpenMP threads beside two busy cores run far slower than one
-    # (_threads) and spin on the cores the commands need. One thread scores the same rows to the
-    # bit; the scoring after the last command, on free cores, gets them all back.
+    # The scoring done here while the commands run (Scorer) shares the cores they hold, and more
+    # OpenMP threads than free cores is far worse than fewer (_threads). Alone, two threads spent
+    # 24.8 core-seconds where one spent 17.1 on the same two rows; in make bench-quality the
+    # evals took 1206 core-seconds against 1356, every row equal to the bit (README). The scoring
+    # after the last command, on free cores, gets them all back.
     torch.set_num_threads(1)
     try:
         seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer, cores=cores)
