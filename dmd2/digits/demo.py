@@ -601,8 +601,8 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int | None = 
     # The scoring done here while the commands run (Scorer) shares the cores they hold, and more
     # OpenMP threads than free cores is far worse than fewer (_threads). Alone, two threads spent
     # 24.8 core-seconds where one spent 17.1 loading the judge and scoring two rows; in make
-    # bench-quality the evals took 1206 core-seconds against 1356, every row equal to the bit (README). The scoring
-    # after the last command, on free cores, gets them all back.
+    # bench-quality the evals took 1206 core-seconds against 1356, every row equal to the bit
+    # (README). The scoring after the last command, on free cores, gets them all back.
     torch.set_num_threads(1)
     try:
         seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer, cores=cores)
