@@ -279,6 +279,30 @@ def clip_scores(images: torch.Tensor, prompts: Sequence[str], model, processor, 
 # The eval command
 
 
+class _Clock:
+    """Wraps a ``draw`` loop: the seconds spent in it (drawing, decoding), not in the loop's body
+    (saving), and the images it yielded, for ``rate``."""
+
+    def __init__(self):
+        self.seconds, self.images = 0.0, 0
+
+    def __call__(self, batches):
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            try:
+                chunk, images = next(it)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - t
+            self.images += len(chunk)
+            yield chunk, images
+
+    def rate(self, world: int = 1) -> float | None:
+        """Images/s of all ``world`` ranks, from this rank's (each draws an equal share at once)."""
+        return round(self.images * world / self.seconds, 3) if self.seconds > 0 else None
+
+
 def _fresh(folder: Path, rank: int, world: int) -> Path:
     """An empty folder for this eval's images (stale files would enter the statistics)."""
     if rank == 0:
@@ -396,16 +420,21 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         return found
 
     metrics: list[dict] = []
+    speed = {}  # images/s of each sampler, drawing alone (saving the images is not timed)
     if student:
         folder = _fresh(images_dir / "student", rank, world)
-        for chunk, images in draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size, progress=show):
+        clock = _Clock()
+        for chunk, images in clock(draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size,
+                                        progress=show)):
             save_images(images, chunk, folder)
+        speed["images_per_s"] = clock.rate(world)
         barrier(world)
         if rank == 0:
             metrics += score(folder, "")
     elif rank == 0:  # a generator's images from an earlier eval would read as this one's
         shutil.rmtree(images_dir / "student", ignore_errors=True)
     report = {"metrics": metrics, "n": len(conds), "model": str(Path(source).resolve()), "step": gen.step, "seconds": 0.0,
+              **speed, "threads": torch.get_num_threads(),
               "protocol": {"seed": seed, "timesteps": ts, "prompts": str(prompts_file) if prompts_file else None, "images": str(images_dir),
                            "reference": str(ref) if fid else None,
                            "feature_extractor": {"name": extractor.name, "sha256": extractor.ident} if extractor else None,
@@ -420,9 +449,10 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         teacher = teacher_of(recipe, f"{source}: recipe")
         cfg = recipe.loss.cfg_scale if teacher_cfg is None else teacher_cfg
         folder = _fresh(images_dir / f"teacher_{teacher_steps}steps", rank, world)
-        for chunk, images in teacher_draw(teacher, conds, seeds, teacher_steps, range(rank, len(conds), world),
-                                          batch_size, cfg_scale=cfg, resolution=resolution, device=device,
-                                          progress=show):
+        clock = _Clock()
+        for chunk, images in clock(teacher_draw(teacher, conds, seeds, teacher_steps, range(rank, len(conds), world),
+                                                batch_size, cfg_scale=cfg, resolution=resolution, device=device,
+                                                progress=show)):
             save_images(images, chunk, folder)
         barrier(world)
         if rank == 0:
@@ -430,7 +460,8 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         sampler = (teacher.scheduler_config["_class_name"] if teacher.family != "classcond" else
                    f"dmd2.sampling.sample, deterministic ({'Euler' if teacher.schedule.kind == 'edm' else 'DDIM'})")
         report["teacher"] = {"source": recipe.model.teacher, "steps": teacher_steps, "sampler": sampler,
-                             "cfg_scale": cfg if teacher.family != "classcond" else None}
+                             "cfg_scale": cfg if teacher.family != "classcond" else None,
+                             "images_per_s": clock.rate(world)}
     report["seconds"] = round(time.time() - t0, 3)
     if rank == 0 and out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

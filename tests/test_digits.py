@@ -159,6 +159,9 @@ def test_demo_t2i_student_beats_the_cfg_teacher_at_one_call(tmp_path):
     assert student["fid"] <= 0.5 * teacher["fid"], (student, teacher)
     assert student["label_accuracy"] >= 0.8, student
     assert (out / "samples" / "digits-t2i_student_1step" / "grid.png").is_file()
+    # images/s from dmd2 eval's own timing of each draw; the floor row has no sampler
+    assert all(0 < r["images_per_s"] < float("inf") for r in (student, teacher)), (student, teacher)
+    assert rows["digits-t2i", "real_heldout", 0]["images_per_s"] is None
 
 
 def test_run_parallel_hands_each_finished_command_to_on_done_and_stops_on_its_error(tmp_path, monkeypatch):
@@ -188,6 +191,25 @@ def test_run_parallel_hands_each_finished_command_to_on_done_and_stops_on_its_er
         run_parallel([cmd("a"), cmd("b", after="a")], jobs=2, on_done=fail)
     # "b" started just before a's scoring failed, and was stopped (SIGTERM) rather than left running
     assert len(started) == 2 and started[1].wait(timeout=30) == -signal.SIGTERM
+
+
+def test_a_group_runs_its_commands_in_one_process_and_stops_at_the_first_failure(tmp_path):
+    """make bench-quality runs each run folder's evals as one group (dmd2.digits.evalgroup): the
+    commands in turn through the dmd2 app, in one process; the first that fails ends the group with
+    its exit status and the commands after it do not run."""
+    from dmd2.digits.demo import run_parallel
+
+    missing = tmp_path / "no-such-run"
+    ok = ["eval", "--help"]
+    seconds = run_parallel([("g", [ok, ["sample", "--help"]], tmp_path / "g.log")], jobs=1)
+    log = (tmp_path / "g.log").read_text()
+    assert set(seconds) == {"g"} and log.count("$ dmd2 ") == 2 and "Usage: dmd2 eval" in log and \
+        "Usage: dmd2 sample" in log, log
+    with pytest.raises(SystemExit, match="exit 2"):
+        run_parallel([("bad", [ok, ["eval", str(missing), "--draw-only", "--out", str(tmp_path / "r.json")], ok],
+                      tmp_path / "bad.log")], jobs=1)
+    log = (tmp_path / "bad.log").read_text()
+    assert log.count("$ dmd2 ") == 2 and "error:" in log and str(missing) in log, log
 
 
 def test_demo_commands_share_the_cores_they_are_given(tmp_path, monkeypatch):
@@ -297,20 +319,6 @@ def test_bench_starts_its_longest_evals_first():
     assert first == [("digits-flow", "teacher_cfg", 50), ("digits-t2i", "teacher_cfg", 50),
                      ("digits-t2i", "teacher_nocfg", 50), ("digits", "teacher", 50)], first
     assert all(e.teacher is None or e.teacher.nfe <= 4 for e in plan[4:])
-
-
-def test_measure_speed_times_each_sampler_in_its_worker_processes():
-    """The bench times its samplers in one single-thread process per core, each taking the next
-    sampler when it is done: every row gets its own images/s, and a row with no sampler none."""
-    from dmd2.digits.demo import CHECKED_IN_TEACHER
-    from dmd2.digits.report import Row, Sampler, measure_speed
-
-    rows = [Row("teacher", k, 0.0, 0.0, 0.0, 0.0, None) for k in (1, 2, 4)] + \
-        [Row("real_heldout", 0, 0.0, 0.0, 0.0, 0.0, None)]
-    samplers = {r.key: Sampler(CHECKED_IN_TEACHER, True) for r in rows[:3]}
-    measure_speed(rows, samplers, n=16, workers=2)
-    speeds = [r.images_per_s for r in rows]
-    assert all(s is not None and 0 < s < float("inf") for s in speeds[:3]) and speeds[3] is None, speeds
 
 
 def test_quarter_checkpoint_is_kept_whatever_the_steps():

@@ -368,7 +368,10 @@ def test_eval_cli_scores_student_and_teacher(sd15_run, tmp_path, extractor_file,
     assert (report["n"], report["step"], report["protocol"]["timesteps"]) == (4, 2, [999, 499])
     assert report["protocol"]["fid"]["eval_res"] == 24 and report["seconds"] > 0
     assert report["teacher"] == {"source": report["teacher"]["source"], "steps": 2, "sampler": "PNDMScheduler",
-                                 "cfg_scale": 1.75}
+                                 "cfg_scale": 1.75, "images_per_s": report["teacher"]["images_per_s"]}
+    # each sampler's speed, timed on its draw alone (the images' saving is not in it)
+    assert all(0 < x < float("inf") for x in (report["images_per_s"], report["teacher"]["images_per_s"]))
+    assert report["threads"] >= 1
     assert sorted(p.name for p in (tmp_path / "report_images").iterdir()) == ["student", "teacher_2steps"]
     assert "fid: " in res.stdout and "teacher/clip_score: " in res.stdout
     # --draw-only: the same images, kept for the caller's own metrics, and nothing scored

@@ -25,8 +25,9 @@ Three benchmarks, one report (rows carry ``benchmark``):
 3. ``dmd2 eval --draw-only [--teacher-only]`` per row (the longest first), which keeps its images: each student at all its
    timesteps, multi-step ones also at all but the last (``_first3``) and at their checkpoint a
    quarter of the way (``_quarter``); each teacher row (``--teacher-only``) from the run folder
-   of a student of its benchmark. FID, precision/recall and label accuracy are computed here from
-   those images, as each eval ends, while the other commands run.
+   of a student of its benchmark. A run folder's evals run in one process (``evalgroup``), which
+   imports the libraries once. FID, precision/recall and label accuracy are computed here from
+   those images, as each group ends, while the other commands run.
 4. ``dmd2 sample`` grids (make demo), ``<out>/report.json`` (one row per sampler), ``<out>/grid.png`` and the
    table; the profile's targets are checked and a miss exits 1.
 """
@@ -53,10 +54,8 @@ from .report import (
     TEXT,
     Judge,
     Row,
-    Sampler,
     check_targets,
     comparison_grid,
-    measure_speed,
     table,
 )
 
@@ -285,13 +284,15 @@ def _threads(jobs: int, ready: int, cores: int) -> int:
 
 
 def run_parallel(commands: list[tuple], jobs: int, on_done=None, cores: int | None = None) -> dict[str, float]:
-    """Run ``(name, dmd2 arguments, log file[, after])`` with at most ``jobs`` at once, in order,
-    except that a command waits for the one named ``after``; arguments may be a function, called
-    at the start (e.g. to read a finished run). ``on_done(name)`` runs here after each command
+    """Run ``(name, dmd2 arguments, log file[, after[, threads]])`` with at most ``jobs`` at once, in
+    order, except that a command waits for the one named ``after``; arguments may be a function,
+    called at the start (e.g. to read a finished run), and a list of argument lists is a group of
+    commands run in turn in one process (``evalgroup``). ``threads``: the command's own count
+    instead of its share of the cores (``_threads``). ``on_done(name)`` runs here after each command
     succeeds, once the next ones have started. Returns seconds per name. The first failure (of a
     command or of ``on_done``) stops the others; a command's exits with its log's tail."""
     cores = cores or available_cores()  # default: all the CPUs this process may use
-    pending, running, seconds = [tuple(c) + (None,) * (4 - len(c)) for c in commands], {}, {}
+    pending, running, seconds = [tuple(c) + (None,) * (5 - len(c)) for c in commands], {}, {}
     done: list[str] = []
     while pending or running or done:
         while len(running) < jobs:
@@ -300,17 +301,23 @@ def run_parallel(commands: list[tuple], jobs: int, on_done=None, cores: int | No
                 break
             runnable = sum(c[3] is None or c[3] in seconds for c in pending)  # ``ready`` included
             pending.remove(ready)
-            threads = _threads(jobs, len(running) + runnable, cores)
-            name, args, log, _ = ready
+            name, args, log, _, threads = ready
+            threads = threads or _threads(jobs, len(running) + runnable, cores)
             args = args() if callable(args) else args
             log.parent.mkdir(parents=True, exist_ok=True)
             f = open(log, "w", encoding="utf-8")
-            cmd = [sys.executable, "-m", "dmd2", *args]
-            f.write("$ dmd2 " + " ".join(args) + "\n")
-            f.flush()
+            if isinstance(args[0], list):  # a group: one process, each command in turn (evalgroup)
+                group = log.with_suffix(".json")
+                group.write_text(json.dumps(args, indent=1) + "\n")
+                cmd = [sys.executable, "-m", "dmd2.digits.evalgroup", str(group)]  # it logs each "$ dmd2" line
+            else:
+                cmd = [sys.executable, "-m", "dmd2", *args]
+                f.write("$ dmd2 " + " ".join(args) + "\n")
+                f.flush()
             proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads), stdout=f, stderr=subprocess.STDOUT)
             running[name] = (proc, f, log, time.time())
-            _say(f"started  {name}: dmd2 {' '.join(args[:2])} ... (log {log})")
+            what = f"{len(args)} dmd2 {args[0][0]} commands" if isinstance(args[0], list) else f"dmd2 {' '.join(args[:2])} ..."
+            _say(f"started  {name}: {what} (log {log})")
         if done:  # the parent's own work (scoring a finished eval's images) while the commands run
             try:
                 on_done(done.pop(0))
@@ -465,10 +472,18 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
                 "--out", str((p.out / "eval" / f"{e.name}.json").resolve()), *extra]
 
     after = (lambda s: None) if rescore else (lambda s: f"train {_key(s)}")
-    # the longest first, as the trainings: a 50-step teacher row started last ran alone for 6
-    # minutes at the end of the bench while the other core idled (README, make bench-quality)
-    eval_cmds = [(e.name, lambda e=e: eval_args(e), p.out / "logs" / f"eval_{e.name}.log", after(e.student))
-                 for e in sorted(eval_plan(profile), key=_eval_cost, reverse=True)]
+    # One process for each run folder's evals (its rows and the teacher rows drawn from it), run by
+    # evalgroup: each dmd2 process spent about 7.6 s importing before its first image, 24 times
+    # in make bench-quality. The groups, and the rows in each, the longest first, as the trainings:
+    # a 50-step teacher row started last ran alone for 6 minutes at the end of the bench while the
+    # other core idled (README, make bench-quality).
+    groups: dict[str, list[Eval]] = {}
+    for e in sorted(eval_plan(profile), key=_eval_cost, reverse=True):
+        groups.setdefault(f"evals {_key(e.student)}", []).append(e)
+    # One thread each, whatever is free: each row's images/s (dmd2 eval's report) is one core's.
+    eval_cmds = [(name, lambda g=g: [eval_args(e) for e in g],
+                  p.out / "logs" / f"evals_{g[0].student.benchmark}_{g[0].student.name}.log", after(g[0].student), 1)
+                 for name, g in sorted(groups.items(), key=lambda kv: -sum(map(_eval_cost, kv[1])))]
     grids = profile.students if profile.grid_images else ()
     if not grids:  # no grids from an earlier run beside this run's report
         shutil.rmtree(p.out / "samples", ignore_errors=True)
@@ -479,7 +494,14 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
                 "--overwrite"]
         eval_cmds.append((f"sample {_key(s)}", args, p.out / "logs" / f"sample_{s.benchmark}_{s.name}.log",
                           after(s)))
-    return run_parallel(train_cmds + eval_cmds, jobs, on_done, cores)
+
+    def done(name: str) -> None:  # a group's rows, each in turn
+        for e in groups.get(name, ()):
+            on_done(e.name)
+        if name not in groups:
+            on_done(name)
+
+    return run_parallel(train_cmds + eval_cmds, jobs, done if on_done is not None else None, cores)
 
 
 def _check_finished(run: Path, steps: int) -> None:
@@ -531,7 +553,7 @@ class Scorer:
     def __init__(self, profile: Profile, p: Paths):
         self.profile, self.p = profile, p
         self.plan = {e.name: e for e in eval_plan(profile)}
-        self.scored: dict[str, tuple[Row, Path, Sampler | None]] = {}
+        self.scored: dict[str, tuple[Row, Path]] = {}
         self._judge = None
 
     @property
@@ -553,30 +575,32 @@ class Scorer:
         else:
             folder, nfe, steps = base / "student", len(report["protocol"]["timesteps"]), report["step"]
         row, folder = self.judge.score(e.row, nfe, folder, self.profile.num_images, e.student.benchmark, steps=steps)
-        sampler = None
+        # images/s: dmd2 eval's own timing of the draw (2000 images in batches of 250 on one thread,
+        # beside at most one other single-thread command; run_parallel gives the evals one thread
+        # each). Two single-thread processes side by side ran at the speed of one alone (README,
+        # "The main job on CPU"), so this is one core's speed, on 4 to 20 times the images the end
+        # of the run used to time them on again (report.py before 2026-12-06), in none of its
+        # time. The student's variants (first3, quarter) are not rows of their own sampler.
         if e.teacher is not None:
-            cfg = report["teacher"]["cfg_scale"] or 1.0  # the guidance it was drawn with (classcond: None)
-            sampler = Sampler(p.teacher if e.student.benchmark == DIGITS else text_teacher(e.student.benchmark), True, cfg)
+            row.images_per_s = report["teacher"]["images_per_s"]
         elif not e.variant:
-            sampler = Sampler(p.runs[_key(e.student)])
-        self.scored[name] = (row, folder, sampler)
+            row.images_per_s = report["images_per_s"]
+        self.scored[name] = (row, folder)
 
 
-def collect_rows(scorer: Scorer) -> tuple[list[Row], dict[str, Path], dict[str, Sampler]]:
+def collect_rows(scorer: Scorer) -> tuple[list[Row], dict[str, Path]]:
     """One row per sampler (FID, precision, recall and label accuracy taken here from the images
     ``dmd2 eval --draw-only`` kept; the text benchmarks' reduced to 8 x 8 grey first, into the same
-    feature space), the real-vs-real floor of each benchmark; the image folder and the
-    sampler of each row (by ``Row.key``). The rows ``scorer`` has already scored are kept."""
+    feature space; images/s from its report), the real-vs-real floor of each benchmark, and the
+    image folder of each row (by ``Row.key``). The rows ``scorer`` has already scored are kept."""
     profile, p = scorer.profile, scorer.p
-    rows, folders, samplers = [], {}, {}
+    rows, folders = [], {}
     for name in scorer.plan:
         if name not in scorer.scored:
             scorer(name)
-        row, folder, sampler = scorer.scored[name]
+        row, folder = scorer.scored[name]
         rows.append(row)
         folders[row.key] = folder
-        if sampler is not None:
-            samplers[row.key] = sampler
     floor = scorer.judge.floor(p.data / "heldout")
     for bench in dict.fromkeys(s.benchmark for s in profile.students):
         # the text benchmarks' real images are the same digits at 16 px; reduced, they are these exactly
@@ -584,7 +608,7 @@ def collect_rows(scorer: Scorer) -> tuple[list[Row], dict[str, Path], dict[str, 
     order = {"t": 0, "s": 1, "r": 2}
     benches = (DIGITS, T2I, FLOW)
     rows.sort(key=lambda r: (benches.index(r.benchmark), order[r.name[0]], r.name, r.nfe))
-    return rows, folders, samplers
+    return rows, folders
 
 
 def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int | None = None, cores: int | None = None,
@@ -608,9 +632,8 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int | None = 
         seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer, cores=cores)
     finally:
         torch.set_num_threads(threads)
-    _say("scoring the kept images and timing each sampler")
-    rows, folders, samplers = collect_rows(scorer)
-    measure_speed(rows, samplers, workers=cores)  # every command has ended: all the cores are free
+    _say("scoring the kept images")
+    rows, folders = collect_rows(scorer)
     (out / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     grid = comparison_grid(rows, folders, out / "grid.png")
     wall = time.time() - t0

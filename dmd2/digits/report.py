@@ -9,14 +9,12 @@ extractor, ``dmd2.evaluate.folder_features``, as ``dmd2 eval --fid`` takes it) a
 
 from __future__ import annotations
 
-import functools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import NUM_CLASSES, RESOLUTION
+from . import NUM_CLASSES
 
 # the three benchmarks: class-conditional EDM; SDXL-style text-to-image (DDPM, UNet); SD3-style flow
 # matching (transformer) on the same VAE latents and prompts
@@ -93,87 +91,6 @@ class Judge:
 
         images, labels = read_class_folders(heldout_dir)
         return self._row("real_heldout", 0, heldout_dir, images, labels, benchmark=benchmark)
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """What draws a row's images, for timing: a run folder (student) or a teacher folder at ``cfg``."""
-
-    path: Path
-    teacher: bool = False
-    cfg: float = 1.0
-
-
-def measure_speed(rows: list[Row], samplers: dict[str, Sampler], n: int = 500, n_slow: int = 100,
-                  workers: int = 1) -> None:
-    """images/s of each sampler (``samplers`` by ``Row.key``) on one core: ``n`` images in one
-    batch, after a warm-up; ``n_slow`` for a teacher at 50 steps or more. Why: 500 images of
-    digits-flow's teacher at 50 steps with CFG take a minute alone, and the bench's 60-minute budget
-    is tight; at 100 it measured 7.9-9.8 images/s against 7.3 at 500 (one core, run alone), so
-    those rows read up to a quarter faster than they would at 500.
-
-    ``workers`` > 1 times the samplers in that many processes at once, one thread and one core
-    each, each taking the next sampler as it finishes one: this runs after every command has ended,
-    so a single process held the other cores idle for its minute or more at the end of make
-    bench-quality. Two single-thread processes side by side on this machine's 2 cores ran at the
-    speed of one alone (README, "The main job on CPU")."""
-    # the longest first (the 50-step teachers, two calls a step with CFG), so no long one starts last
-    timed = sorted((r for r in rows if r.key in samplers),
-                   key=lambda r: -r.nfe * (2 if samplers[r.key].teacher and samplers[r.key].cfg != 1 else 1))
-    jobs = [(r.key, r.benchmark, r.nfe, str(samplers[r.key].path), samplers[r.key].teacher, samplers[r.key].cfg,
-             n_slow if samplers[r.key].teacher and r.nfe >= 50 else n) for r in timed]
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn: fresh interpreters, not forks of this one with its threads and loaded models
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            speeds = dict(pool.map(time_sampler, *zip(*jobs, strict=True)))
-    else:
-        speeds = dict(time_sampler(*job) for job in jobs)
-    for r in rows:
-        if r.key in speeds:
-            r.images_per_s = speeds[r.key]
-
-
-@functools.cache
-def _teacher(path: str):
-    """One load per teacher folder in a process, whatever the rows at other step counts."""
-    from ..models import load_teacher
-
-    return load_teacher(path)
-
-
-def time_sampler(key: str, benchmark: str, nfe: int, path: str, teacher: bool, cfg: float, m: int) -> tuple:
-    """(``key``, images/s) of one sampler drawing ``m`` images in one batch on one thread, after a
-    warm-up of 8."""
-    import torch
-
-    from ..generate import choose_timesteps, draw, teacher_draw
-    from ..models.student import load_student
-    from .t2i import IMAGE_SIZE, check_prompts
-
-    torch.set_num_threads(1)
-    seeds = list(range(m))
-    conds = check_prompts(m) if benchmark in TEXT else [i % NUM_CLASSES for i in range(m)]
-    if teacher:
-        size = IMAGE_SIZE if benchmark in TEXT else RESOLUTION
-
-        def go(k):
-            for _ in teacher_draw(_teacher(path), conds, seeds, nfe, range(k), k, cfg_scale=cfg,
-                                  resolution=size, device="cpu"):
-                pass
-    else:
-        gen = load_student(path)
-        ts = choose_timesteps(gen.timesteps, nfe)
-
-        def go(k):
-            for _ in draw(gen, conds, seeds, ts, range(k), k):
-                pass
-    go(8)
-    t0 = time.perf_counter()
-    go(m)
-    return key, m / (time.perf_counter() - t0)
 
 
 def comparison_grid(rows: list[Row], folders: dict[str, Path], path: Path, per_class: int = 2, scale: int = 4) -> Path:
