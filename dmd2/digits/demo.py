@@ -578,9 +578,9 @@ class Scorer:
         # images/s: dmd2 eval's own timing of the draw (2000 images in batches of 250 on one thread,
         # beside at most one other single-thread command; run_parallel gives the evals one thread
         # each). Two single-thread processes side by side ran at the speed of one alone (README,
-        # "The main job on CPU"), so this is one core's speed, on 4 to 20 times the images the end
-        # of the run used to time them on again (report.py before 2026-12-06), in none of its
-        # time. The student's variants (first3, quarter) are not rows of their own sampler.
+        # "The main job on CPU"), so this is one core's speed, taken on more images (2000 against
+        # 500, or 100 for a 50-step teacher) than timing each sampler again after the last command
+        # did, and at no cost in wall time. The student's variants (first3, quarter) share its sampler.
         if e.teacher is not None:
             row.images_per_s = report["teacher"]["images_per_s"]
         elif not e.variant:
