@@ -420,21 +420,19 @@ def evaluate(source: str | Path, *, fid: bool = False, clip: bool = False, promp
         return found
 
     metrics: list[dict] = []
-    speed = {}  # images/s of each sampler, drawing alone (saving the images is not timed)
+    clock = _Clock()  # the generator's images/s (None when it draws nothing: --teacher-only)
     if student:
         folder = _fresh(images_dir / "student", rank, world)
-        clock = _Clock()
         for chunk, images in clock(draw(gen, conds, seeds, ts, range(rank, len(conds), world), batch_size,
                                         progress=show)):
             save_images(images, chunk, folder)
-        speed["images_per_s"] = clock.rate(world)
         barrier(world)
         if rank == 0:
             metrics += score(folder, "")
     elif rank == 0:  # a generator's images from an earlier eval would read as this one's
         shutil.rmtree(images_dir / "student", ignore_errors=True)
     report = {"metrics": metrics, "n": len(conds), "model": str(Path(source).resolve()), "step": gen.step, "seconds": 0.0,
-              **speed, "threads": torch.get_num_threads(),
+              "images_per_s": clock.rate(world), "threads": torch.get_num_threads(),
               "protocol": {"seed": seed, "timesteps": ts, "prompts": str(prompts_file) if prompts_file else None, "images": str(images_dir),
                            "reference": str(ref) if fid else None,
                            "feature_extractor": {"name": extractor.name, "sha256": extractor.ident} if extractor else None,

@@ -473,8 +473,8 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
 
     after = (lambda s: None) if rescore else (lambda s: f"train {_key(s)}")
     # One process for each run folder's evals (its rows and the teacher rows drawn from it), run by
-    # evalgroup: each dmd2 process spent about 7.6 s importing before its first image, 24 times
-    # in make bench-quality. The groups, and the rows in each, the longest first, as the trainings:
+    # evalgroup: each dmd2 eval process spent about 7.6 s starting up (82% of it imports) before
+    # its first image, 24 times in make bench-quality; 8 groups. The groups, and the rows in each, the longest first, as the trainings:
     # a 50-step teacher row started last ran alone for 6 minutes at the end of the bench while the
     # other core idled (README, make bench-quality).
     groups: dict[str, list[Eval]] = {}
@@ -496,10 +496,8 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
                           after(s)))
 
     def done(name: str) -> None:  # a group's rows, each in turn
-        for e in groups.get(name, ()):
-            on_done(e.name)
-        if name not in groups:
-            on_done(name)
+        for row in [e.name for e in groups[name]] if name in groups else [name]:
+            on_done(row)
 
     return run_parallel(train_cmds + eval_cmds, jobs, done if on_done is not None else None, cores)
 

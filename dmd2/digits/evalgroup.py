@@ -2,10 +2,10 @@
 argument lists) run in order in one process, through the same typer app and arguments as
 ``dmd2 ...`` on the command line; the first that fails ends the process with its exit status.
 
-Why: make bench-quality runs 24 ``dmd2 eval`` commands, and each new process spent about 7.6 of
-its seconds importing diffusers, transformers, peft and torch._dynamo before drawing an image
-(py-spy, 2026-12-06: 82% of a 2-image eval). One process per run folder's evals imports them once
-(``demo.train_and_eval``)."""
+Why: make bench-quality runs 24 ``dmd2 eval`` commands, and each new process spent about 7.6 s
+starting up before drawing an image, 82% of it importing diffusers, transformers, peft and
+torch._dynamo (py-spy on a 2-image eval). One process per run folder's evals (8 in the bench)
+starts up once (``demo.train_and_eval``)."""
 
 from __future__ import annotations
 
