@@ -28,8 +28,10 @@ def size_and_time(path: Path) -> list:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write to a temp file, fsync, rename over ``path``, fsync the folder: all or nothing."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write to a temp file, fsync, rename over ``path``, fsync the folder: all or nothing. The temp
+    file is this process's own (``writer_tag``): two processes writing the same file at once (two
+    trainings building one conditioning cache's sidecars) would otherwise rename each other's away."""
+    tmp = path.with_name(f".{path.name}.{writer_tag()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

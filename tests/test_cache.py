@@ -175,3 +175,31 @@ def test_generator_prompts_captions_needs_real_images(tiny_teacher):
     with pytest.raises(RecipeError, match="data.generator_prompts"):
         load_recipe(REPO / "recipes/tiny_sdxl.yaml", ["model.teacher=x", "data.generator_prompts=captions",
                                                        "data.real_images=null", "loss.gan.enabled=false"])
+
+
+def _write_many(path, text, n):
+    from dmd2.files import atomic_write
+
+    for _ in range(n):
+        atomic_write(path, text)
+
+
+def test_two_processes_writing_one_file_at_once_both_succeed(tmp_path):
+    """Two trainings started together on the same data build the same conditioning cache chunks and
+    write the same sidecars (files.save_shard -> atomic_write). With one fixed temp name the second
+    writer's rename found its temp file already renamed away by the first, and that training died
+    with FileNotFoundError (seen in make bench-quality's two digits students). Each writer now has
+    its own temp file: both finish, the file holds one writer's whole text, and no temp is left."""
+    import multiprocessing as mp
+
+    path = tmp_path / "images_00000.json"
+    texts = ['{"writer": "a"}' * 50, '{"writer": "b"}' * 50]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_write_many, args=(path, t, 400)) for t in texts]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert path.read_text() in texts
+    assert sorted(f.name for f in tmp_path.iterdir()) == [path.name]
