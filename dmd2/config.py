@@ -191,8 +191,8 @@ class LossConfig(_Section):
     # "drawn_step", the output of the step k drawn for the iteration (the paper; docs/algorithm.md §3), or
     # "last_step", that output carried through the generator's remaining steps *with* gradient, so
     # step k is trained for the image sampling finally draws from it; it needs critic_samples:
-    # last_step (the fake score must model the samples it scores). Measured on digits-t2i: README,
-    # "The main job on CPU". 1-step generators: the same.
+    # last_step (the fake score must model the samples it scores). Measured on digits-t2i:
+    # docs/benchmarks.md, "The 4-step student now improves with training". 1-step generators: the same.
     generator_samples: Literal["drawn_step", "last_step"] = "drawn_step"
     # A weight per generator step on the generator's loss at that step (multi-step; one per
     # generator timestep). None: 1 for every step, as in the paper.
@@ -201,7 +201,7 @@ class LossConfig(_Section):
     # "teacher", the teacher's own training-time dropout layers, kept at their rates. The fake score
     # never samples, so this is a regulariser of the critic, not the train/sample mismatch the
     # generator must not have (its dropout is always zero). Measured on the digits 1-step student:
-    # README, "The main job on CPU".
+    # docs/benchmarks.md, "Missed targets, with their cause".
     fake_score_dropout: Literal["none", "teacher"] = "none"
     gan: GanConfig = Field(default_factory=GanConfig)
 

@@ -113,7 +113,7 @@ def teacher_cfg(benchmark: str) -> float:
     """teacher_cfg's guidance: a text teacher's best at 50 steps (lowest FID with label accuracy >=
     0.95), as ``python -m dmd2.digits.t2i --check`` (``dmd2.digits.flow --check``) recorded it beside
     the weights. The students' own ``loss.cfg_scale`` is a distillation setting, chosen by
-    measurement (README)."""
+    measurement (docs/benchmarks.md)."""
     folder = text_teacher(benchmark)  # its record is <folder name>.json (t2i.py, flow.py)
     return float(json.loads((folder / f"{folder.name}.json").read_text())["quality"]["summary"]["best_guidance_scale"])
 
@@ -132,20 +132,23 @@ PROFILES = {
                     # draw and time) is make bench-quality's, and keeps make demo under 10 minutes
                     _teachers(DIGITS, (1, 4, 50)) + _teachers(T2I, (1,)), 1000, "demo", budget_s=600),
     # The 1-step student at batch 256 for 1200 steps (the compute of 2400 at the recipe's 128): FID
-    # 0.965 at n=2000 against the teacher's 1.09 at 50 calls; 1500 gave 1.002, 1000 1.447 (README,
-    # "Steps for a 60-minute bench"). The 4-step student keeps 2000: 1800 gave 0.989, over 0.965.
+    # 0.965 at n=2000 against the teacher's 1.09 at 50 calls; 1500 gave 1.002, 1000 1.447
+    # (docs/benchmarks.md, "Steps for a 60-minute bench"). The 4-step student keeps 2000: 1800 gave
+    # 0.989, over 0.965.
     "bench": Profile("runs/bench-quality", (
         Student("student_1step", "recipes/digits_1step.yaml", DIGITS, 1200, ("train.batch_size=256",)),
         Student("student_4step", "recipes/digits_4step.yaml", DIGITS, 2000, quarter=True, first=True),
         # digits-t2i's 1-step students at twice the recipe's rates: over 1000 steps the cold one gave
         # FID 3.95 at n=2000 against 5.34 at the recipe's rates, as good as 2000 steps at those
-        # (3.82) in half the time (README, "digits-t2i's 1-step students at twice the rates").
+        # (3.82) in half the time (docs/benchmarks.md, "digits-t2i's 1-step students at twice the
+        # rates").
         Student("student_1step", "recipes/digits_t2i_1step.yaml", T2I, 1000, _T2I_1STEP_RATES),
         # digits-t2i's 4-step student at batch 64 (twice the recipe's generator updates per image): on
         # one machine it beat the recipe's batch at three of four seeds (mean 3.87 against 4.45) and its
-        # 1-step student at four of five (README, "Missed targets"). Over 2000 steps: FID 3.54 (first
-        # three steps 3.57) against its 1-step student's 3.95. 1750 gave 3.84 at one thread but 4.74
-        # at two (another float path), over 3.95; 1500 4.04 (README, "Steps for a 60-minute bench")
+        # 1-step student at four of five (docs/benchmarks.md, "Missed targets"). Over 2000 steps: FID
+        # 3.54 (first three steps 3.57) against its 1-step student's 3.95. 1750 gave 3.84 at one thread
+        # but 4.74 at two (another float path), over 3.95; 1500 4.04 (docs/benchmarks.md, "Steps for a
+        # 60-minute bench")
         Student("student_4step", "recipes/digits_t2i_4step.yaml", T2I, 2000, ("train.batch_size=64",), quarter=True,
                 first=True),
         # the authors' 1-step SDXL warm start: ODE pairs, the regression stage, then DMD2 from it
@@ -476,7 +479,7 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
     # evalgroup: each dmd2 eval process spent about 7.6 s starting up (82% of it imports) before
     # its first image, 24 times in make bench-quality; 8 groups. The groups, and the rows in each, the longest first, as the trainings:
     # a 50-step teacher row started last ran alone for 6 minutes at the end of the bench while the
-    # other core idled (README, make bench-quality).
+    # other core idled (docs/benchmarks.md, "Earlier runs").
     groups: dict[str, list[Eval]] = {}
     for e in sorted(eval_plan(profile), key=_eval_cost, reverse=True):
         groups.setdefault(f"evals {_key(e.student)}", []).append(e)
@@ -573,12 +576,12 @@ class Scorer:
         else:
             folder, nfe, steps = base / "student", len(report["protocol"]["timesteps"]), report["step"]
         row, folder = self.judge.score(e.row, nfe, folder, self.profile.num_images, e.student.benchmark, steps=steps)
-        # images/s: dmd2 eval's own timing of the draw (2000 images in batches of 250 on one thread,
-        # beside at most one other single-thread command; run_parallel gives the evals one thread
-        # each). Two single-thread processes side by side ran at the speed of one alone (README,
-        # "The main job on CPU"), so this is one core's speed, taken on more images (2000 against
-        # 500, or 100 for a 50-step teacher) than timing each sampler again after the last command
-        # did, and at no cost in wall time. The student's variants (first3, quarter) share its sampler.
+        # images/s: dmd2 eval's own timing of the draw (2000 images in batches of 250 on one thread, beside
+        # at most one other single-thread command; run_parallel gives the evals one thread each). Two
+        # single-thread processes side by side ran at the speed of one alone (docs/benchmarks.md, "Why the
+        # work is not simply made faster"), so this is one core's speed, taken on more images (2000 against
+        # 500, or 100 for a 50-step teacher) than timing each sampler again after the last command did, and
+        # at no cost in wall time. The student's variants (first3, quarter) share its sampler.
         if e.teacher is not None:
             row.images_per_s = report["teacher"]["images_per_s"]
         elif not e.variant:
@@ -624,7 +627,8 @@ def run(profile: Profile, out: Path, *, cache: Path = CACHE, jobs: int | None = 
     # OpenMP threads than free cores is far worse than fewer (_threads). Alone, two threads spent
     # 24.8 core-seconds where one spent 17.1 loading the judge and scoring two rows; in make
     # bench-quality the evals took 1206 core-seconds against 1356, every row equal to the bit
-    # (README). The scoring after the last command, on free cores, gets them all back.
+    # (docs/benchmarks.md, the run at 91f95cf). The scoring after the last command, on free cores,
+    # gets them all back.
     torch.set_num_threads(1)
     try:
         seconds = train_and_eval(profile, p, jobs, rescore, on_done=scorer, cores=cores)
