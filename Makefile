@@ -15,10 +15,12 @@ $(PY):
 
 # The one install path; the stamp lets `make demo` install only when needed. A torch that already
 # imports with its torchvision in the venv (the CPU or a CUDA build installed by hand, README) is kept.
+# constraints.txt: the versions the test suite last passed with (scripts/constraints.py writes it),
+# so a clean checkout installs those and not whatever the index holds that day.
 STAMP := $(VENV)/.dmd2-installed
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt $(TORCH)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 install:
