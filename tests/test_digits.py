@@ -332,3 +332,6 @@ def test_quarter_checkpoint_is_kept_whatever_the_steps():
         saved = [d for d in range(1, steps + 1) if d % every == 0 or d == steps]
         assert every == steps // 4 and saved[-keep:][0] == steps // 4, (steps, saved, keep)
     assert quarter_args(2000) == ["train.checkpoint_every=500", "train.keep_last=4"]
+    assert quarter_args(4) == ["train.checkpoint_every=1", "train.keep_last=4"]
+    with pytest.raises(ValueError, match="at least 4 steps, not 3"):
+        quarter_args(3)

@@ -385,6 +385,8 @@ def quarter_args(steps: int) -> list[str]:
     """The train overrides that keep a checkpoint at a quarter of a ``steps``-step run: one every
     quarter, all of them kept (the last is the run's end, a fifth when ``steps`` is not a multiple of 4)."""
     quarter = steps // 4
+    if quarter < 1:  # no step a quarter of the way to keep
+        raise ValueError(f"a _quarter row needs a run of at least 4 steps, not {steps}")
     return [f"train.checkpoint_every={quarter}", f"train.keep_last={-(-steps // quarter)}"]
 
 
