@@ -44,21 +44,26 @@ def closure(root: str = "dmd2[dev]") -> dict[str, str]:
             found[name] = dist.version
         if name in TORCH:  # what torch itself needs comes with the build the user picked
             continue
+        envs = [{"extra": e} for e in req.extras] or [{"extra": ""}]
         for text in dist.requires or []:
             sub = Requirement(text)
-            envs = [{"extra": e} for e in req.extras] or [{"extra": ""}]
             if sub.marker is None or any(sub.marker.evaluate(env) for env in envs):
                 todo.append(sub)
     return found
 
 
-def main() -> None:
+def render() -> str:
+    """constraints.txt as this venv would have it (tests/test_install.py compares the two)."""
     pins = {n: v for n, v in closure().items() if n not in TORCH}
-    lines = [f"{n}=={v}" for n, v in sorted(pins.items())]
     head = ("# Written by scripts/constraints.py from a venv the test suite passed in; make install uses it\n"
             "# (pip -c). Regenerate after changing pyproject's dependencies. torch: the Makefile's TORCH.\n")
-    (ROOT / "constraints.txt").write_text(head + "\n".join(lines) + "\n")
-    print(f"constraints.txt: {len(lines)} pins")
+    return head + "".join(f"{n}=={v}\n" for n, v in sorted(pins.items()))
+
+
+def main() -> None:
+    text = render()
+    (ROOT / "constraints.txt").write_text(text)
+    print(f"constraints.txt: {text.count('==')} pins")
 
 
 if __name__ == "__main__":
