@@ -479,9 +479,9 @@ def train_and_eval(profile: Profile, p: Paths, jobs: int, rescore: bool = False,
     after = (lambda s: None) if rescore else (lambda s: f"train {_key(s)}")
     # One process for each run folder's evals (its rows and the teacher rows drawn from it), run by
     # evalgroup: each dmd2 eval process spent about 7.6 s starting up (82% of it imports) before
-    # its first image, 24 times in make bench-quality; 8 groups. The groups, and the rows in each, the longest first, as the trainings:
-    # a 50-step teacher row started last ran alone for 6 minutes at the end of the bench while the
-    # other core idled (docs/benchmarks.md, "Earlier runs").
+    # its first image, 24 times in make bench-quality; 8 groups. The groups, and the rows in each,
+    # the longest first, as the trainings: a 50-step teacher row started last ran alone for 6
+    # minutes at the end of the bench while the other core idled (docs/benchmarks.md, "Earlier runs").
     groups: dict[str, list[Eval]] = {}
     for e in sorted(eval_plan(profile), key=_eval_cost, reverse=True):
         groups.setdefault(f"evals {_key(e.student)}", []).append(e)
